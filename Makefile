@@ -1,0 +1,64 @@
+# domainlm: the pipeline's stages, wired by the files each one writes under build/<run>/.
+#   make corpus pretrain finetune      the demo recipe on CPU (creates .venv on first use)
+#   make corpus RECIPE=recipes/x.yaml  any stage with another recipe
+#   make test                          the whole test suite
+# Every stage command is idempotent: it compares its inputs with its manifest and does
+# nothing when they match, so the targets can stay phony and `make finetune` re-checks
+# every earlier stage in seconds.
+
+RECIPE ?= recipes/demo.yaml
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DLM    := $(BIN)/domainlm
+
+# Constraints reach pip's isolated build environments too (through the environment).
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup corpus tokenizer tokens plan pretrain finetune quantize eval bench test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+corpus: $(STAMP)
+	$(DLM) corpus build --recipe $(RECIPE)
+
+tokenizer: corpus
+	$(DLM) tokenizer train --recipe $(RECIPE)
+
+tokens: tokenizer
+	$(DLM) tokens --recipe $(RECIPE)
+
+plan: tokens
+	$(DLM) plan --recipe $(RECIPE)
+
+pretrain: plan
+	$(DLM) pretrain --recipe $(RECIPE)
+
+finetune: pretrain
+	$(DLM) finetune --recipe $(RECIPE)
+
+quantize: finetune
+	$(DLM) quantize --recipe $(RECIPE)
+
+eval: quantize
+	$(DLM) eval --recipe $(RECIPE)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build

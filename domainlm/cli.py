@@ -1,0 +1,156 @@
+"""The `domainlm` command: one sub-command per pipeline stage, each a thin call into a module."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from domainlm.errors import UserError
+
+DEFAULT_RECIPE = "recipes/demo.yaml"
+
+
+def _friendly(fn):
+    """Print a UserError as one line (no traceback) and exit 2, the convention of click."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+recipe_option = click.option(
+    "--recipe",
+    "-r",
+    default=DEFAULT_RECIPE,
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The recipe (YAML) that describes the run; outputs go to build/<recipe name>/.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="domainlm")
+def main() -> None:
+    """Build a domain-specific language model end to end.
+
+    Stages, in order (each reads the previous stage's files under build/<run>/):
+    corpus, tokenizer, tokens, plan, pretrain, finetune, quantize, eval.
+    The Makefile runs them: `make corpus pretrain finetune`.
+    """
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@main.group()
+def corpus() -> None:
+    """Check, contribute and build the training corpus."""
+
+
+@corpus.command("build")
+@recipe_option
+@click.option("--force", is_flag=True, help="Rebuild even if the inputs have not changed.")
+@click.option("--workers", type=int, default=None, help="Processes (default: the recipe's).")
+@_friendly
+def corpus_build(recipe: Path, force: bool, workers: int | None) -> None:
+    """Read, clean, filter, redact, deduplicate, decontaminate, mix and split the corpus.
+
+    Writes build/<run>/corpus/: train-*.parquet, val-*.parquet, rejected/ (every dropped
+    record with its reason), manifest.json and report.md. Shards already processed with the
+    same settings are reused from the cache, so adding a shard processes only that shard.
+    """
+    from domainlm.corpus.pipeline import build_corpus
+    from domainlm.recipe import load_recipe
+
+    build_corpus(load_recipe(recipe), force=force, workers=workers)
+
+
+@corpus.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--max-record-bytes",
+    type=int,
+    default=8 * 1024 * 1024,
+    show_default=True,
+    help="Records (lines) longer than this are problems.",
+)
+@_friendly
+def corpus_validate(paths: tuple[Path, ...], max_record_bytes: int) -> None:
+    """Check shards before contributing them: encoding, schema, sizes, duplicates.
+
+    Prints a summary per file and every problem as file:line. Exits 1 if any problem is
+    found, so it can guard a CI job or a pre-commit hook.
+    """
+    from domainlm.corpus.validate import run_validate
+
+    sys.exit(run_validate(list(paths), max_record_bytes=max_record_bytes))
+
+
+@corpus.command("add")
+@click.option("--team", required=True, help="The contributing team (a folder under shards/).")
+@click.option(
+    "--shards-dir",
+    default="corpus/shards",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option("--force", is_flag=True, help="Copy even if validation finds problems.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_friendly
+def corpus_add(team: str, shards_dir: Path, force: bool, files: tuple[Path, ...]) -> None:
+    """Validate shards and copy them into corpus/shards/<team>/."""
+    from domainlm.corpus.validate import run_add
+
+    sys.exit(run_add(team, list(files), shards_dir=shards_dir, force=force))
+
+
+# ----------------------------------------------------------------------------- later stages
+
+
+def _not_yet(stage: str, issue: str) -> None:
+    raise UserError(f"the `{stage}` stage is not built yet ({issue}); `make corpus` works today")
+
+
+@main.group()
+def tokenizer() -> None:
+    """Train and inspect the SentencePiece tokenizer."""
+
+
+@tokenizer.command("train")
+@recipe_option
+@_friendly
+def tokenizer_train(recipe: Path) -> None:
+    """Train the tokenizer on the corpus (arrives with issue 3)."""
+    _not_yet("tokenizer", "issue 3")
+
+
+for _stage, _issue in [
+    ("tokens", "issue 3"),
+    ("plan", "issue 3"),
+    ("pretrain", "issue 4"),
+    ("finetune", "issue 5"),
+    ("quantize", "issue 6"),
+    ("eval", "issue 7"),
+]:
+
+    def _make(stage: str = _stage, issue: str = _issue):
+        @main.command(stage, help=f"The {stage} stage (arrives with {issue}).")
+        @recipe_option
+        @_friendly
+        def _cmd(recipe: Path) -> None:
+            _not_yet(stage, issue)
+
+    _make()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
