@@ -90,7 +90,6 @@ class SourceConfig:
     weight: float | None = None  # target share of training characters after mixing
     filters: dict[str, Any] | None = None  # overrides of corpus.filters for this source
     pii: dict[str, Any] | None = None  # overrides of corpus.pii for this source
-    max_docs: int | None = None  # read at most this many documents (demo, smoke tests)
 
 
 @dataclass
@@ -115,7 +114,7 @@ class Recipe:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
     # Filled by the loader, not by the YAML.
-    path: Path | None = field(default=None, repr=False, compare=False)
+    path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
 
     @property
     def run_dir(self) -> Path:
@@ -129,9 +128,6 @@ class Recipe:
             if s.name == name:
                 return s
         raise KeyError(name)
-
-
-_LOADER_ONLY = {"path"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +250,7 @@ def _convert(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
 
 def _build(cls: type, data: dict, prefix: str, ctx: _Ctx) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in _LOADER_ONLY]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("loader")]
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)

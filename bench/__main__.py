@@ -1,0 +1,21 @@
+"""`python -m bench [--quick] [SECTION ...]`: run the benchmarks, update docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import corpus
+
+SECTIONS = {"corpus": corpus.main}
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    names = [a for a in argv if not a.startswith("-")] or list(SECTIONS)
+    for name in names:
+        if name not in SECTIONS:
+            sys.exit(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
+        SECTIONS[name](quick=quick)
+
+
+main(sys.argv[1:])

@@ -1,0 +1,86 @@
+"""Recipe loading: defaults, validation errors that name the key, the line and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from domainlm.recipe import QualityFilters, RecipeError, load_recipe
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+GOOD = """\
+seed: 7
+corpus:
+  sources:
+    - name: docs
+      kind: python-docs
+      filters:
+        min_words: 5
+"""
+
+
+def test_demo_recipe_loads_with_documented_defaults():
+    r = load_recipe("recipes/demo.yaml")
+    assert r.name == "demo"
+    assert r.run_dir == Path("build/demo")
+    assert r.corpus.sources[0].kind == "python-docs"
+    assert r.corpus.dedup.shingle == 5
+
+
+def test_overrides_are_converted_and_name_defaults_to_stem(tmp_path):
+    r = load_recipe(_write(tmp_path, GOOD))
+    assert r.name == "r" and r.seed == 7
+    assert r.corpus.sources[0].filters == {"min_words": 5}
+    assert r.corpus.filters == QualityFilters()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (GOOD.replace("seed: 7", "sed: 7"), "r.yaml:1: sed: unknown key; did you mean 'seed'?"),
+        (
+            GOOD.replace("min_words", "min_wrds"),
+            "r.yaml:7: corpus.sources[0].filters.min_wrds: unknown key; did you mean 'min_words'",
+        ),
+        (GOOD.replace("seed: 7", "seed: seven"), "r.yaml:1: seed: expected a whole number"),
+        (
+            GOOD.replace("kind: python-docs", "kind: python-doc"),
+            "corpus.sources[0].kind: must be one of 'shards', 'python-docs', got 'python-doc'; "
+            "did you mean 'python-docs'?",
+        ),
+        (GOOD + "  on_bad_shard: ignore\n", "corpus.on_bad_shard: must be one of 'fail', 'skip'"),
+        (GOOD + "  decontaminate:\n    files: [nope.jsonl]\n", "no such file: nope.jsonl"),
+        (GOOD.replace("kind: python-docs", "kind: shards"), "needs `path`"),
+        ("corpus: [1, 2]\n", "corpus: expected a mapping of settings"),
+        ("seed: 1\n", "at least one source is needed"),
+        ("corpus:\n  sources:\n  - {name: a\n", "not valid YAML"),
+    ],
+)
+def test_errors_name_the_key_and_the_fix(tmp_path, text, expected):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, text))
+    assert expected in str(e.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_cli_prints_one_line_not_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from domainlm.cli import main
+
+    p = _write(tmp_path, GOOD.replace("seed: 7", "sed: 7"))
+    res = CliRunner().invoke(main, ["corpus", "build", "--recipe", str(p)])
+    assert res.exit_code == 2
+    assert "did you mean 'seed'" in res.output
+    assert "Traceback" not in res.output
