@@ -2,4 +2,4 @@
 
 
 class UserError(Exception):
-    """A problem caused by input (recipe, shard, path, hardware choice); the message says the fix."""
+    """A problem caused by input (recipe, shard, path, hardware); the message says the fix."""

@@ -1,4 +1,4 @@
-"""The corpus-wide steps over processed shards: exact and near dedup, decontamination, split, mix."""
+"""Corpus-wide steps over processed shards: exact and near dedup, decontamination, split, mix."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def assemble(
             )
             for d in found:
                 i = pos[d.key]
-                detail = f"near-duplicate of {d.duplicate_of} (estimated Jaccard {d.similarity:.2f})"
+                detail = f"near-duplicate of {d.duplicate_of} (Jaccard ~{d.similarity:.2f})"
                 reject(i, f"{DUPLICATE}:near", detail, d.duplicate_of)
                 counts[src[i]]["duplicates"]["near"] += 1
                 clusters[d.duplicate_of].append(d.key)

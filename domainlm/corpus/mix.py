@@ -68,4 +68,5 @@ def copies(factor: float, seed: int, origin: str) -> int:
 
 def shuffle_key(seed: int, origin: str, copy: int) -> bytes:
     """The order of training rows: a seeded hash, so copies of a document are spread out."""
-    return hashlib.blake2b(f"order\x1f{seed}\x1f{origin}\x1f{copy}".encode(), digest_size=8).digest()
+    key = f"order\x1f{seed}\x1f{origin}\x1f{copy}".encode()
+    return hashlib.blake2b(key, digest_size=8).digest()

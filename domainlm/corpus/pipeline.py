@@ -34,6 +34,8 @@ from domainlm.recipe import Recipe, merged, section_dict
 
 # Bump when the corpus-wide steps change their output for the same inputs.
 ASSEMBLE_VERSION = 1
+# The built-in source is split into this many tasks so that its parsing uses every core.
+PYTHON_DOCS_PARTS = 4
 
 
 class _HashCache:
@@ -86,7 +88,10 @@ def plan_tasks(recipe: Recipe, hashes: _HashCache) -> list[ShardTask]:
         settings = _settings(recipe, i, decon_fp)
         if s.kind == "python-docs":
             fp = python_docs.fingerprint()
-            tasks.append(ShardTask(s.name, "python-docs", "", "python-docs", fp, 0, settings))
+            for k in range(PYTHON_DOCS_PARTS):
+                part = f"{k}/{PYTHON_DOCS_PARTS}"
+                rel = f"{s.name}/part-{k}"
+                tasks.append(ShardTask(s.name, "python-docs", part, rel, fp, 0, settings))
             continue
         root = _source_root(s.path)
         if not any(ch in s.path for ch in "*?[") and not Path(s.path).exists():
@@ -95,7 +100,7 @@ def plan_tasks(recipe: Recipe, hashes: _HashCache) -> list[ShardTask]:
                 "create it or point `path` at the folder holding the shards"
             )
         for f in find_shards(s.path):
-            rel = f"{s.name}/{f.resolve().relative_to(root.resolve()).as_posix()}"
+            rel = f"{s.name}/{Path(os.path.relpath(f, root)).as_posix()}"
             tasks.append(
                 ShardTask(s.name, "file", str(f), rel, hashes.get(f), f.stat().st_size, settings)
             )
@@ -134,7 +139,7 @@ def _run_tasks(
         pool = mp.get_context("fork").Pool(min(workers, len(tasks)))
         it = pool.imap_unordered(work, ordered, chunksize=1)
     try:
-        for task, res in zip(ordered, it) if pool is None else _pair(ordered, it):
+        for task, res in zip(ordered, it, strict=True) if pool is None else _pair(ordered, it):
             results.append(res)
             docs += res.stats.get("in", 0)
             bar.update(task.size)

@@ -116,13 +116,15 @@ def _parse(path: Path) -> ast.Module | None:
         return None
 
 
-def iter_modules(root: Path | None = None) -> Iterator[tuple[str, str | None, list[ApiEntry]]]:
+def iter_modules(
+    root: Path | None = None, part: int = 0, parts: int = 1
+) -> Iterator[tuple[str, str | None, list[ApiEntry]]]:
     """(module name, module docstring, documented API) for every public stdlib module, sorted.
 
     The sources are parsed with `ast`, never imported: importing every module of the standard
     library has side effects (a browser opens for `antigravity`, `this` prints a poem).
     """
-    for name, path in _module_files(root or stdlib_dir()):
+    for name, path in _module_files(root or stdlib_dir())[part::parts]:
         tree = _parse(path)
         if tree is None:
             continue
@@ -148,15 +150,21 @@ def _documents_of(name: str, doc: str | None, entries: list[ApiEntry]) -> Iterat
         yield f"class/{name}.{cls.qualname}", "\n\n".join(parts)
 
 
-def iter_documents(root: Path | None = None) -> Iterator[tuple[str, str]]:
-    """(name, text) documents: per module, per class and per pydoc topic, in a fixed order."""
-    for name, doc, entries in iter_modules(root):
+def iter_documents(
+    root: Path | None = None, part: int = 0, parts: int = 1
+) -> Iterator[tuple[str, str]]:
+    """(name, text) documents: per module, per class and per pydoc topic, in a fixed order.
+
+    `part` of `parts` yields every parts-th module and topic, so workers can share the
+    parsing; the union of all parts is the whole source.
+    """
+    for name, doc, entries in iter_modules(root, part, parts):
         yield from _documents_of(name, doc, entries)
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data; modules still give a corpus
         topics = {}
-    for key in sorted(topics):
+    for key in sorted(topics)[part::parts]:
         text = topics[key].strip()
         if text:
             yield f"topic/{key}", text

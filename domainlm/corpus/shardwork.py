@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from domainlm.corpus import python_docs
-from domainlm.corpus.dedup import exact_key, signatures
 from domainlm.corpus.decontaminate import Decontaminator
+from domainlm.corpus.dedup import exact_key, signatures
 from domainlm.corpus.filters import QualityFilter
 from domainlm.corpus.normalize import normalize
 from domainlm.corpus.pii import redact
@@ -77,8 +77,9 @@ def _decontaminator(files: tuple[str, ...], ngram: int, max_overlap: float) -> D
 
 def _records(task: ShardTask, max_record_bytes: int):
     if task.kind == "python-docs":
-        for name, text in python_docs.iter_documents():
-            origin = f"{task.rel}/{name}:1"
+        part, parts = (int(x) for x in task.path.split("/"))
+        for name, text in python_docs.iter_documents(part=part, parts=parts):
+            origin = f"{task.source}/{name}:1"
             yield Doc(id=origin, text=text, source=task.source, origin=origin, license="PSF-2.0")
     else:
         yield from read_shard(Path(task.path), task.source, task.rel, max_record_bytes)
