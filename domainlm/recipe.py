@@ -53,7 +53,7 @@ class QualityFilters:
     )
     languages: list[str] | None = field(default_factory=lambda: ["en"])  # null: no language id
     min_language_score: float = 0.65  # langdetect probability of the detected language
-    language_prefix_chars: int = 2000  # language id reads this many leading characters
+    language_prefix_chars: int = 1000  # language id reads this many leading characters
 
 
 @dataclass

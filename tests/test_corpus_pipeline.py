@@ -288,3 +288,42 @@ def test_missing_source_folder_is_one_clear_error(tmp_path, make_recipe):
     recipe = make_recipe({"corpus": {"sources": [{"name": "x", "path": str(tmp_path / "nope")}]}})
     with pytest.raises(UserError, match=r"corpus.sources\[0\].path: .*nope does not exist"):
         build_corpus(recipe, progress=False)
+
+
+def test_per_source_thresholds_and_pii_redaction(tmp_path, make_recipe):
+    short_code = ["def f(x):\n    return x + 1", "SELECT a, b FROM t WHERE c > 2;"]
+    code = write_jsonl(tmp_path / "s" / "code" / "c.jsonl", [{"text": t} for t in short_code])
+    prose = _docs(8, 3)
+    prose[0] += "\n\nWrite to jane.doe@example.org or call +44 20 7946 0958 about card "
+    prose[0] += "4111 1111 1111 1111 from host 192.168.10.20."
+    web = write_jsonl(
+        tmp_path / "s" / "web" / "w.jsonl", [{"text": t} for t in prose + short_code]
+    )
+    data = {
+        "corpus": {
+            "sources": [
+                # Code: no prose rules, no language id; only the length bounds apply.
+                {"name": "code", "path": str(code.parent),
+                 "filters": {"min_words": 1, "min_mean_word_length": None,
+                             "max_symbol_word_ratio": None, "min_alpha_words": None,
+                             "min_stop_words": None, "languages": None}},
+                {"name": "web", "path": str(web.parent)},
+            ],
+            "val_fraction": 0.0,
+            "workers": 1,
+        }
+    }
+    recipe = make_recipe(data)
+    m = build_corpus(recipe, progress=False)
+    assert m["counts"]["sources"]["code"]["kept"] == 2
+    assert m["counts"]["sources"]["web"]["kept"] == 3
+    assert m["counts"]["sources"]["web"]["filtered"] == {"min_words": 2}
+    rows = pq.read_table(sorted(recipe.stage_dir("corpus").glob("train-*.parquet"))).to_pylist()
+    text = next(r["text"] for r in rows if r["origin"] == "web/w.jsonl:1")
+    for secret in ["jane.doe@example.org", "7946 0958", "4111 1111", "192.168.10.20"]:
+        assert secret not in text
+    for placeholder in ["<EMAIL>", "<PHONE>", "<CARD>", "<IP>"]:
+        assert placeholder in text
+    assert any("    return x + 1" in r["text"] for r in rows)  # indentation survives
+    report = (recipe.stage_dir("corpus") / "report.md").read_text()
+    assert "| email | 1 |" in report and "| card | 1 |" in report

@@ -15,7 +15,7 @@ from domainlm.corpus.dedup import (
     shingles,
     signatures,
 )
-from domainlm.corpus.planted import MARGIN, jaccard, planted_set
+from domainlm.corpus.planted import MARGIN, dedup_scores, jaccard, planted_set
 
 THRESHOLD = 0.8
 NUM_PERM = 128
@@ -62,21 +62,7 @@ def _planted_scores(seed: int) -> tuple[float, float, int, int]:
     index = {k: i for i, k in enumerate(keys)}
     predicted = [(index[d.duplicate_of], index[d.key]) for d in dups]
     assert all(i < j for i, j in predicted)
-    correct = sum(jaccard(sets[i], sets[j]) >= THRESHOLD for i, j in predicted)
-    precision = correct / len(predicted)
-
-    # A true pair is found when both documents end up in one cluster (the greedy pass keeps
-    # one document per cluster, so copies of one base meet through it).
-    parent = list(range(len(texts)))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            x = parent[x]
-        return x
-
-    for i, j in predicted:
-        parent[root(j)] = root(i)
-    recall = sum(root(i) == root(j) for i, j in true) / len(true)
+    precision, recall = dedup_scores(texts, predicted, true, THRESHOLD)
     return precision, recall, len(predicted), len(true)
 
 

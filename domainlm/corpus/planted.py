@@ -147,3 +147,37 @@ def _edit(words: list[str], n: int, vocab: list[str], rng: random.Random) -> lis
     for _ in range(n):
         rng.choice(ops)(rng.randrange(len(out)))
     return out
+
+
+def dedup_scores(
+    texts: list[str],
+    predicted: list[tuple[int, int]],
+    true: set[tuple[int, int]],
+    threshold: float,
+) -> tuple[float, float]:
+    """Precision and recall of found (kept, duplicate) index pairs against the true pairs.
+
+    A predicted pair is correct when its true Jaccard is >= threshold. A true pair is found
+    when both documents end up in one cluster: the greedy pass keeps one document per cluster,
+    so two copies of one base meet through it rather than as a direct pair.
+    """
+    sets: dict[int, set[bytes]] = {}
+
+    def shingle_set(i: int) -> set[bytes]:
+        if i not in sets:
+            sets[i] = set(shingles(texts[i], SHINGLE))
+        return sets[i]
+
+    correct = sum(jaccard(shingle_set(i), shingle_set(j)) >= threshold for i, j in predicted)
+    precision = correct / len(predicted) if predicted else 1.0
+    parent = list(range(len(texts)))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for i, j in predicted:
+        parent[root(j)] = root(i)
+    recall = sum(root(i) == root(j) for i, j in true) / len(true) if true else 1.0
+    return precision, recall

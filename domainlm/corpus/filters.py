@@ -1,0 +1,258 @@
+"""Gopher/C4-style document quality rules: the first rule a document breaks, with the numbers."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from itertools import compress
+
+from domainlm.corpus.langid import detect_language
+from domainlm.recipe import QualityFilters
+
+BULLETS = ("•", "-", "*", "‣", "⁃", "◦")
+ELLIPSES = ("...", "…")
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+
+_LETTER = re.compile(r"[^\W\d_]")  # \w without digits and underscore: letters
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+
+
+def _punctuation_table() -> dict[int, None]:
+    # The Unicode blocks where punctuation lives in practice; scanning all 1.1M code points
+    # would cost a third of a second in every worker at import.
+    blocks = [range(0x80), range(0xA0, 0x100), range(0x2010, 0x2070), range(0x3000, 0x3040)]
+    blocks.append(range(0xFE30, 0xFF70))
+    return {cp: None for block in blocks for cp in block if unicodedata.category(chr(cp))[0] == "P"}
+
+
+_PUNCTUATION = _punctuation_table()
+
+
+def _fmt(value: float, threshold: float) -> str:
+    """`value` with enough decimals that it does not print equal to the threshold it broke."""
+    for digits in (2, 3, 4, 6):
+        text = f"{value:.{digits}f}"
+        if float(text) != threshold:
+            return text
+    return repr(value)
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    # Slices of decreasing length: zip stops at the shortest, which is the point.
+    return list(zip(*(words[i:] for i in range(n)), strict=False))
+
+
+def _duplicates(items: list[str]) -> tuple[int, int, int, int]:
+    """(items, items that repeat an earlier one, characters, characters in the repeats).
+
+    As in Gopher, only the copies count as repeats, not the first occurrence.
+    """
+    counts = Counter(items)
+    chars = sum(map(len, items))
+    if len(counts) == len(items):
+        return len(items), 0, chars, 0
+    dup_chars = sum(len(s) * (c - 1) for s, c in counts.items() if c > 1)
+    return len(items), len(items) - len(counts), chars, dup_chars
+
+
+class QualityFilter:
+    """Applies the rules of one `QualityFilters` section; `check` names the first one broken."""
+
+    def __init__(self, cfg: QualityFilters):
+        self.cfg = cfg
+        self.top_ngrams = sorted((cfg.max_top_ngram_char_fraction or {}).items())
+        self.dup_ngrams = sorted((cfg.max_dup_ngram_char_fraction or {}).items())
+        self.languages = None if cfg.languages is None else list(cfg.languages)
+        self._language_set = frozenset(self.languages or ())
+        # The language found for the last checked document (None: language id did not run).
+        self.last_language: str | None = None
+
+    def check(self, text: str) -> tuple[str, str] | None:
+        """None if `text` passes every rule, else (rule, detail) for the first failing rule.
+
+        `rule` is the QualityFilters field name ("language" for the language rules); `detail`
+        gives the measured value and the threshold.
+        """
+        self.last_language = None
+        cfg = self.cfg
+
+        n_chars = len(text)
+        if cfg.min_chars is not None and n_chars < cfg.min_chars:
+            return "min_chars", f"{n_chars} characters < {cfg.min_chars}"
+        if cfg.max_chars is not None and n_chars > cfg.max_chars:
+            return "max_chars", f"{n_chars} characters > {cfg.max_chars}"
+
+        words = text.split()
+        n_words = len(words)
+        if cfg.min_words is not None and n_words < cfg.min_words:
+            return "min_words", f"{n_words} words < {cfg.min_words}"
+        if cfg.max_words is not None and n_words > cfg.max_words:
+            return "max_words", f"{n_words} words > {cfg.max_words}"
+
+        if cfg.min_mean_word_length is not None or cfg.max_mean_word_length is not None:
+            mean = sum(map(len, words)) / n_words if n_words else 0.0
+            lo, hi = cfg.min_mean_word_length, cfg.max_mean_word_length
+            if lo is not None and mean < lo:
+                return "min_mean_word_length", f"mean word length {_fmt(mean, lo)} < {lo:g}"
+            if hi is not None and mean > hi:
+                return "max_mean_word_length", f"mean word length {_fmt(mean, hi)} > {hi:g}"
+
+        limit = cfg.max_symbol_word_ratio
+        if limit is not None:
+            symbols = text.count("#") + text.count("...") + text.count("…")
+            ratio = symbols / n_words if n_words else (float("inf") if symbols else 0.0)
+            if ratio > limit:
+                return (
+                    "max_symbol_word_ratio",
+                    f"symbol/word ratio {_fmt(ratio, limit)} ({symbols} '#' or '...'"
+                    f" in {n_words} words) > {limit:g}",
+                )
+
+        lines: list[str] | None = None
+        if cfg.max_bullet_lines is not None or cfg.max_ellipsis_lines is not None:
+            lines = self._lines(text)
+            n_lines = len(lines) or 1
+            limit = cfg.max_bullet_lines
+            if limit is not None:
+                frac = sum(1 for line in lines if line.startswith(BULLETS)) / n_lines
+                if frac > limit:
+                    detail = f"{_fmt(frac, limit)} of lines start with a bullet > {limit:g}"
+                    return "max_bullet_lines", detail
+            limit = cfg.max_ellipsis_lines
+            if limit is not None:
+                frac = sum(1 for line in lines if line.endswith(ELLIPSES)) / n_lines
+                if frac > limit:
+                    detail = f"{_fmt(frac, limit)} of lines end with an ellipsis > {limit:g}"
+                    return "max_ellipsis_lines", detail
+
+        limit = cfg.min_alpha_words
+        if limit is not None:
+            # isalpha() answers most words in C; the regex only sees words with punctuation.
+            search = _LETTER.search
+            with_letter = sum(1 for w in words if w.isalpha() or search(w))
+            frac = with_letter / n_words if n_words else 0.0
+            if frac < limit:
+                detail = f"{_fmt(frac, limit)} of words have a letter < {limit:g}"
+                return "min_alpha_words", detail
+
+        # Lowercased words without punctuation, for stop words and the n-gram rules.
+        norm: list[str] | None = None
+        need = cfg.min_stop_words
+        if need is not None:
+            norm = text.lower().translate(_PUNCTUATION).split()
+            found = 0
+            for w in norm:
+                if w in STOP_WORDS:
+                    found += 1
+                    if found >= need:
+                        break
+            if found < need:
+                return "min_stop_words", f"{found} stop words < {need}"
+
+        verdict = self._repetition(text, lines, norm)
+        if verdict is not None:
+            return verdict
+
+        if self.languages is not None:
+            lang, score = detect_language(text, cfg.language_prefix_chars)
+            self.last_language = lang
+            if lang not in self._language_set:
+                return "language", f"language {lang!r} ({score:.2f}) not in {self.languages}"
+            limit = cfg.min_language_score
+            if score < limit:
+                return "language", f"language score {_fmt(score, limit)} < {limit:g}"
+        return None
+
+    @staticmethod
+    def _lines(text: str) -> list[str]:
+        return [s for s in (line.strip() for line in text.split("\n")) if s]
+
+    def _repetition(
+        self, text: str, lines: list[str] | None, norm: list[str] | None
+    ) -> tuple[str, str] | None:
+        cfg = self.cfg
+        # In the order of the QualityFilters fields: by count (lines, paragraphs), then by
+        # characters (lines, paragraphs).
+        line_rules = (cfg.max_dup_line_fraction, cfg.max_dup_line_char_fraction)
+        para_rules = (cfg.max_dup_para_fraction, cfg.max_dup_para_char_fraction)
+        found: dict[str, tuple[int, int, int, int]] = {}
+        if line_rules != (None, None):
+            found["line"] = _duplicates(self._lines(text) if lines is None else lines)
+        if para_rules != (None, None):
+            paragraphs = [s for s in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if s]
+            found["para"] = _duplicates(paragraphs)
+        names = {"line": "lines", "para": "paragraphs"}
+        for kind, limit in (("line", line_rules[0]), ("para", para_rules[0])):
+            if limit is None:
+                continue
+            n_items, n_dup, _, _ = found[kind]
+            frac = n_dup / (n_items or 1)
+            if frac > limit:
+                return (
+                    f"max_dup_{kind}_fraction",
+                    f"{n_dup} of {n_items} {names[kind]} are repeats = {_fmt(frac, limit)}"
+                    f" > {limit:g}",
+                )
+        for kind, limit in (("line", line_rules[1]), ("para", para_rules[1])):
+            if limit is None:
+                continue
+            _, _, chars, dup_chars = found[kind]
+            frac = dup_chars / (chars or 1)
+            if frac > limit:
+                return (
+                    f"max_dup_{kind}_char_fraction",
+                    f"repeated {names[kind]} hold {_fmt(frac, limit)} of characters > {limit:g}",
+                )
+
+        if not self.top_ngrams and not self.dup_ngrams:
+            return None
+        if norm is None:
+            norm = text.lower().translate(_PUNCTUATION).split()
+        lengths = list(map(len, norm))
+        total = sum(lengths)
+        if total == 0:
+            return None
+
+        for n, limit in self.top_ngrams:
+            if len(norm) < n:
+                continue
+            counts = Counter(_ngrams(norm, n))
+            count = max(counts.values())
+            # An n-gram that occurs once is not repetition (and in a short document it would
+            # cover a large share by itself).
+            if count < 2:
+                continue
+            # Among equally frequent n-grams the longest: the answer must not depend on which
+            # of them happens to come first.
+            chars, gram = max((sum(map(len, g)), g) for g, c in counts.items() if c == count)
+            frac = chars * count / total
+            if frac > limit:
+                shown = " ".join(gram)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                return (
+                    "max_top_ngram_char_fraction",
+                    f"top {n}-gram {shown!r} (x{count}) covers {_fmt(frac, limit)}"
+                    f" of characters > {limit:g}",
+                )
+
+        for n, limit in self.dup_ngrams:
+            if len(norm) < n:
+                continue
+            grams = _ngrams(norm, n)
+            counts = Counter(grams)
+            if len(counts) == len(grams):
+                # No repeated n-gram means no repeated longer n-gram either.
+                break
+            covered = bytearray(len(norm))
+            ones = b"\x01" * n
+            for i, g in enumerate(grams):
+                if counts[g] > 1:
+                    covered[i : i + n] = ones
+            frac = sum(compress(lengths, covered)) / total
+            if frac > limit:
+                return (
+                    "max_dup_ngram_char_fraction",
+                    f"repeated {n}-grams cover {_fmt(frac, limit)} of characters > {limit:g}",
+                )
+        return None
