@@ -113,11 +113,7 @@ def corpus_add(team: str, shards_dir: Path, force: bool, files: tuple[Path, ...]
     sys.exit(run_add(team, list(files), shards_dir=shards_dir, force=force))
 
 
-# ----------------------------------------------------------------------------- later stages
-
-
-def _not_yet(stage: str, issue: str) -> None:
-    raise UserError(f"the `{stage}` stage is not built yet ({issue}); `make corpus` works today")
+# ----------------------------------------------------------------------------- tokenizer, plan
 
 
 @main.group()
@@ -127,15 +123,72 @@ def tokenizer() -> None:
 
 @tokenizer.command("train")
 @recipe_option
+@click.option("--force", is_flag=True, help="Retrain even if the corpus has not changed.")
 @_friendly
-def tokenizer_train(recipe: Path) -> None:
-    """Train the tokenizer on the corpus (arrives with issue 3)."""
-    _not_yet("tokenizer", "issue 3")
+def tokenizer_train(recipe: Path, force: bool) -> None:
+    """Train the tokenizer on a sample of the corpus's train split.
+
+    Writes build/<run>/tokenizer/: tokenizer.model (SentencePiece), tokenizer.vocab,
+    report.json and report.md (bytes per token per source, unknown rate, round-trip check,
+    comparison with a byte-level baseline, the vocabulary-size curve when vocab_size: auto).
+    """
+    from domainlm.recipe import load_recipe
+    from domainlm.tokenizer.train import train_tokenizer
+
+    train_tokenizer(load_recipe(recipe), force=force)
+
+
+@main.command("tokens")
+@recipe_option
+@click.option("--force", is_flag=True, help="Re-encode even if nothing changed.")
+@_friendly
+def tokens(recipe: Path, force: bool) -> None:
+    """Encode the corpus into memory-mapped token arrays (build/<run>/tokens/)."""
+    from domainlm.recipe import load_recipe
+    from domainlm.tokenizer.encode import encode_tokens
+
+    encode_tokens(load_recipe(recipe), force=force)
+
+
+@main.command("plan")
+@recipe_option
+@click.option("--flops", type=float, help="Total training compute in FLOPs.")
+@click.option("--gpu", help="Accelerator (h100, h200, a100, ...): with --gpus, --hours, --mfu.")
+@click.option("--gpus", type=int, help="Number of accelerators.")
+@click.option("--hours", type=float, help="Wall-clock hours on the accelerators.")
+@click.option("--mfu", type=float, help="Expected model FLOPs utilization (0-1).")
+@click.option("--minutes", type=float, help="Wall-clock minutes on this machine (probed).")
+@click.option("--law", type=click.Choice(["approach1", "approach3"]), help="Chinchilla approach.")
+@click.option("--fit", type=click.Choice(["chinchilla", "epoch"]), help="Approach-3 constants.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--write-recipe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the recipe with the planned model section to this path.",
+)
+@_friendly
+def plan(recipe: Path, as_json: bool, write_recipe: Path | None, **budget) -> None:
+    """What to train with this budget and this data: Chinchilla-optimal parameters and
+    tokens, a concrete model shape, memory per device per strategy, and the time it takes.
+
+    The budget comes from the options, else from the recipe's plan section. Writes
+    build/<run>/plan.json.
+    """
+    from domainlm.plan.run import run_plan
+    from domainlm.recipe import load_recipe
+
+    overrides = {k: v for k, v in budget.items() if v is not None}
+    run_plan(load_recipe(recipe), overrides, as_json=as_json, write_recipe=write_recipe)
+
+
+# ----------------------------------------------------------------------------- later stages
+
+
+def _not_yet(stage: str, issue: str) -> None:
+    raise UserError(f"the `{stage}` stage is not built yet ({issue}); `make corpus` works today")
 
 
 for _stage, _issue in [
-    ("tokens", "issue 3"),
-    ("plan", "issue 3"),
     ("pretrain", "issue 4"),
     ("finetune", "issue 5"),
     ("quantize", "issue 6"),

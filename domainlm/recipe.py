@@ -106,12 +106,72 @@ class CorpusConfig:
     docs_per_output_shard: int = 50_000  # rows per Parquet file written
 
 
+# --------------------------------------------------------------------------------------------
+# Tokenizer, plan and model sections.
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece training (`make tokenizer`)."""
+
+    type: Literal["unigram", "bpe"] = "unigram"  # unigram as BloombergGPT
+    vocab_size: int | Literal["auto"] = 8192  # a multiple of 64, or auto: chosen from candidates
+    candidates: list[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768])
+    sample_docs: int = 200_000  # training documents sampled (deterministically) from train
+    max_sample_chars: int = 200_000_000  # memory cap on the training sample
+    eval_docs: int = 2000  # validation documents used for auto size and the report
+    character_coverage: float = 0.9999
+    byte_fallback: bool = True  # unknown characters become UTF-8 bytes, never <unk>
+    split_digits: bool = True  # every digit its own piece
+    # Pieces reserved for the chat template, never split.
+    special_tokens: list[str] = field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    )
+    threads: int = 0  # 0 = every core
+
+
+@dataclass
+class PlanConfig:
+    """The compute budget and how to spend it (`make plan`): flops, gpu + hours, or minutes."""
+
+    flops: float | None = None  # total training FLOPs
+    gpu: str | None = None  # accelerator name (h100, a100, ...) with gpus, hours, mfu
+    gpus: int = 1
+    hours: float | None = None
+    mfu: float = 0.4  # expected model FLOPs utilization
+    minutes: float | None = None  # wall-clock on this machine (measured with a short probe)
+    law: Literal["approach1", "approach3"] = "approach3"  # Chinchilla approach
+    fit: Literal["chinchilla", "epoch"] = "chinchilla"  # approach 3 constants: paper or Epoch AI
+    max_epochs: float = 4.0  # repeat the unique tokens at most this many times
+    seq_len: int = 1024  # training context length
+    global_batch_tokens: int | None = None  # tokens per optimizer step; null: from the plan
+
+
+@dataclass
+class ModelConfig:
+    """The decoder's shape. With from_plan, `make pretrain` takes the shape from plan.json."""
+
+    from_plan: bool = True
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 4  # fewer than n_heads: grouped-query attention
+    ffn_dim: int = 704  # SwiGLU hidden size
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
 @dataclass
 class Recipe:
     name: str = ""  # the run's name: outputs go to build/<name>/; default: the file's stem
     seed: int = 1234
     build_dir: str = "build"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
@@ -298,6 +358,11 @@ def _validate(recipe: Recipe, ctx: _Ctx) -> None:
         raise ctx.fail("corpus.dedup.threshold", "must be in (0, 1]")
     if d.shingle < 1 or d.num_perm < 16:
         raise ctx.fail("corpus.dedup", "shingle must be >= 1 and num_perm >= 16")
+    t = recipe.tokenizer
+    if t.vocab_size != "auto" and (t.vocab_size < 256 or t.vocab_size % 64):
+        raise ctx.fail("tokenizer.vocab_size", "must be a multiple of 64 (>= 256), or auto")
+    if any(v < 256 or v % 64 for v in t.candidates):
+        raise ctx.fail("tokenizer.candidates", "every candidate must be a multiple of 64, >= 256")
     for i, f in enumerate(c.decontaminate.files):
         if not Path(f).exists():
             raise ctx.fail(f"corpus.decontaminate.files[{i}]", f"no such file: {f}")

@@ -84,3 +84,21 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert res.exit_code == 2
     assert "did you mean 'seed'" in res.output
     assert "Traceback" not in res.output
+
+
+def test_every_corpus_field_is_documented():
+    import dataclasses
+
+    from domainlm.recipe import (
+        CorpusConfig,
+        DecontamConfig,
+        DedupConfig,
+        PIIConfig,
+        SourceConfig,
+    )
+
+    doc = Path("docs/corpus.md").read_text(encoding="utf-8")
+    for cls in (CorpusConfig, SourceConfig, QualityFilters, PIIConfig, DedupConfig,
+                DecontamConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} is not in docs/corpus.md"
