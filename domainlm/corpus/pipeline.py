@@ -125,12 +125,10 @@ def _run_tasks(
     work = partial(process_shard, cache_root=cache_root)
     # Largest first, so one big shard does not start last and hold up the whole pool.
     ordered = sorted(tasks, key=lambda t: -t.size)
-    total = sum(t.size for t in tasks) or None
     results = []
-    bar = tqdm(
-        total=total, unit="B", unit_scale=True, desc="corpus shards", disable=not progress
-    )
-    docs = 0
+    # Counted in shards (a built-in source has no file size); rates in the postfix.
+    bar = tqdm(total=len(tasks), unit="shard", desc="corpus shards", disable=not progress)
+    docs = nbytes = 0
     t0 = time.perf_counter()
     if workers <= 1 or len(tasks) <= 1:
         it = map(work, ordered)
@@ -142,8 +140,14 @@ def _run_tasks(
         for task, res in zip(ordered, it, strict=True) if pool is None else _pair(ordered, it):
             results.append(res)
             docs += res.stats.get("in", 0)
-            bar.update(task.size)
-            bar.set_postfix(docs_per_s=f"{docs / max(time.perf_counter() - t0, 1e-9):.0f}")
+            nbytes += task.size
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(docs_s=f"{docs / elapsed:.0f}", MB_s=f"{nbytes / elapsed / 1e6:.1f}")
+    except BaseException:
+        if pool is not None:  # Ctrl-C: stop the workers now; finished shards stay cached
+            pool.terminate()
+        raise
     finally:
         bar.close()
         if pool is not None:
