@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import corpus
+from bench import corpus, tokens
 
-SECTIONS = {"corpus": corpus.main}
+SECTIONS = {"corpus": corpus.main, "tokens": tokens.main}
 
 
 def main(argv: list[str]) -> None:
