@@ -207,7 +207,8 @@ def _read_tokens(recipe: Recipe, required: bool, notes: list[str]) -> dict:
         return {"checked": False, "path": str(meta_path)}
     try:
         meta = read_json(meta_path)
-        unique = meta["train"]["tokens"]
+        # Unique tokens: up-sampled copies of a document repeat data, they add none.
+        unique = meta["train"].get("unique_tokens", meta["train"]["tokens"])
         val = meta.get("val", {}).get("tokens")
         vocab = meta["vocab_size"]
         if not isinstance(unique, int) or not isinstance(vocab, int) or vocab < 1:
