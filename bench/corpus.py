@@ -4,6 +4,7 @@ corpus of at least 100 MB, plus near-dedup precision and recall on a planted set
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -195,7 +196,9 @@ def run(quick: bool = False) -> str:
     )
     header = (
         f"## Corpus (`make corpus`)\n\nMachine: {machine()}. Commit {commit()}. "
-        f"Command: `make bench` (median of {runs} run(s), {time.strftime('%Y-%m-%d')}).\n"
+        f"Command: `make bench` (median of {runs} run(s), {time.strftime('%Y-%m-%d')}). "
+        f"Load average at the end: {os.getloadavg()[0]:.1f} (above the core count means other "
+        "jobs shared the machine and the figures are pessimistic).\n"
     )
     return header + "\n" + "\n".join(out)
 
