@@ -75,6 +75,37 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+class HashCache:
+    """Content hashes of input files, re-read only when a file's size or mtime changes, so
+    the up-to-date check of a large corpus takes a second rather than a full read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, list] = {}
+        if path.exists():
+            try:
+                self.entries = read_json(path)
+            except ValueError:
+                self.entries = {}
+        self.dirty = False
+
+    def get(self, file: Path) -> str:
+        st = file.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        key = str(file.resolve())
+        hit = self.entries.get(key)
+        if hit and hit[:2] == stamp:
+            return hit[2]
+        digest = hash_file(file)
+        self.entries[key] = [*stamp, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json(self.path, self.entries)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` whole."""

@@ -29,37 +29,13 @@ from domainlm.corpus.shardwork import (
     process_shard,
 )
 from domainlm.errors import UserError
-from domainlm.files import hash_file, hash_json, read_json, versions, write_json
+from domainlm.files import HashCache, hash_json, read_json, versions, write_json
 from domainlm.recipe import Recipe, merged, section_dict
 
 # Bump when the corpus-wide steps change their output for the same inputs.
 ASSEMBLE_VERSION = 1
 # The built-in source is split into this many tasks so that its parsing uses every core.
 PYTHON_DOCS_PARTS = 4
-
-
-class _HashCache:
-    """Content hashes of shard files, re-read only when a file's size or mtime changes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[str, list] = read_json(path) if path.exists() else {}
-        self.dirty = False
-
-    def get(self, file: Path) -> str:
-        st = file.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        hit = self.entries.get(str(file))
-        if hit and hit[:2] == stamp:
-            return hit[2]
-        digest = hash_file(file)
-        self.entries[str(file)] = [*stamp, digest]
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.dirty:
-            write_json(self.path, self.entries)
 
 
 def _settings(recipe: Recipe, source_index: int, decon_fp: str | None) -> dict[str, Any]:
@@ -75,7 +51,7 @@ def _settings(recipe: Recipe, source_index: int, decon_fp: str | None) -> dict[s
     }
 
 
-def plan_tasks(recipe: Recipe, hashes: _HashCache) -> list[ShardTask]:
+def plan_tasks(recipe: Recipe, hashes: HashCache) -> list[ShardTask]:
     """The shard tasks of every source, in canonical order (recipe order, then path)."""
     c = recipe.corpus
     decon_fp = None
@@ -171,7 +147,7 @@ def build_corpus(
     out = recipe.stage_dir("corpus")
     cache_root = out / ".cache"
     shard_cache = cache_root / "shards"
-    hashes = _HashCache(cache_root / "hashes.json")
+    hashes = HashCache(cache_root / "hashes.json")
     tasks = plan_tasks(recipe, hashes)
     global_settings = {
         "dedup": section_dict(c.dedup),

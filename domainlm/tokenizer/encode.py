@@ -24,7 +24,15 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from domainlm.errors import UserError
-from domainlm.files import atomic_path, hash_file, hash_json, read_json, versions, write_json
+from domainlm.files import (
+    HashCache,
+    atomic_path,
+    hash_file,
+    hash_json,
+    read_json,
+    versions,
+    write_json,
+)
 from domainlm.recipe import Recipe
 from domainlm.tokenizer.special import EOS_ID
 
@@ -80,42 +88,11 @@ class Chunk:
 # ------------------------------------------------------------------------------------ inputs
 
 
-class _HashCache:
-    """Content hashes of corpus files, re-read only when a file's size or mtime changes, so
-    the up-to-date check of a large corpus takes a second rather than a full read."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[str, list] = {}
-        if path.exists():
-            try:
-                self.entries = read_json(path)
-            except ValueError:
-                self.entries = {}
-        self.dirty = False
-
-    def get(self, file: Path) -> str:
-        st = file.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        key = str(file.resolve())
-        hit = self.entries.get(key)
-        if hit and hit[:2] == stamp:
-            return hit[2]
-        digest = hash_file(file)
-        self.entries[key] = [*stamp, digest]
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.dirty:
-            write_json(self.path, self.entries)
-
-
 def _make(target: str, recipe: Recipe) -> str:
     return f"`make {target} RECIPE={recipe.path}`" if recipe.path else f"`make {target}`"
 
 
-def _corpus_inputs(recipe: Recipe, hashes: _HashCache) -> dict[str, list[dict[str, Any]]]:
+def _corpus_inputs(recipe: Recipe, hashes: HashCache) -> dict[str, list[dict[str, Any]]]:
     """The corpus stage's split files, as its manifest lists them, checked against the disk."""
     out = recipe.stage_dir("corpus")
     manifest = out / "manifest.json"
@@ -523,7 +500,7 @@ def encode_tokens(
     if method not in ("threads", "processes"):
         raise ValueError(f"method must be 'threads' or 'processes', not {method!r}")
     out = recipe.stage_dir("tokens")
-    hashes = _HashCache(out / ".hashes.json")
+    hashes = HashCache(out / ".hashes.json")
     corpus_files = _corpus_inputs(recipe, hashes)
     model, model_hash = _tokenizer_input(recipe)
     sp = load_processor(model)
