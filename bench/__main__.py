@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import corpus, tokens
+from bench import corpus, pretrain, tokens
 
-SECTIONS = {"corpus": corpus.main, "tokens": tokens.main}
+SECTIONS = {"corpus": corpus.main, "tokens": tokens.main, "pretrain": pretrain.main}
 
 
 def main(argv: list[str]) -> None:

@@ -162,12 +162,17 @@ def tokens(recipe: Path, force: bool) -> None:
 @click.option("--fit", type=click.Choice(["chinchilla", "epoch"]), help="Approach-3 constants.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
+    "--force", is_flag=True, help="Measure this machine again instead of reusing plan.json's probe."
+)
+@click.option(
     "--write-recipe",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the recipe with the planned model section to this path.",
 )
 @_friendly
-def plan(recipe: Path, as_json: bool, write_recipe: Path | None, **budget) -> None:
+def plan(
+    recipe: Path, as_json: bool, force: bool, write_recipe: Path | None, **budget
+) -> None:
     """What to train with this budget and this data: Chinchilla-optimal parameters and
     tokens, a concrete model shape, memory per device per strategy, and the time it takes.
 
@@ -178,7 +183,33 @@ def plan(recipe: Path, as_json: bool, write_recipe: Path | None, **budget) -> No
     from domainlm.recipe import load_recipe
 
     overrides = {k: v for k, v in budget.items() if v is not None}
-    run_plan(load_recipe(recipe), overrides, as_json=as_json, write_recipe=write_recipe)
+    run_plan(
+        load_recipe(recipe), overrides, as_json=as_json, write_recipe=write_recipe, force=force
+    )
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+@main.command("pretrain")
+@recipe_option
+@click.option("--force", is_flag=True, help="Start afresh: discard checkpoints and retrain.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still written).")
+@_friendly
+def pretrain(recipe: Path, force: bool, no_progress: bool) -> None:
+    """Pretrain the decoder from scratch with Lightning (bf16-mixed by default).
+
+    The model shape, tokens and batch come from build/<run>/plan.json unless the recipe's
+    model: and train: sections set them. Checkpoints go to build/<run>/pretrain/checkpoints/;
+    after Ctrl-C (which stops at the end of the current step), SIGTERM or kill -9, running the
+    command again resumes from the last checkpoint with the same data order. At the end,
+    build/<run>/pretrain/model/ holds a Hugging Face folder (config.json, model.safetensors,
+    tokenizer files); logs (CSV, TensorBoard) are in build/<run>/pretrain/logs/.
+    """
+    from domainlm.recipe import load_recipe
+    from domainlm.train.pretrain import pretrain as run
+
+    run(load_recipe(recipe), force=force, progress=not no_progress)
 
 
 # ----------------------------------------------------------------------------- later stages
@@ -189,7 +220,6 @@ def _not_yet(stage: str, issue: str) -> None:
 
 
 for _stage, _issue in [
-    ("pretrain", "issue 4"),
     ("finetune", "issue 5"),
     ("quantize", "issue 6"),
     ("eval", "issue 7"),

@@ -145,6 +145,7 @@ class PlanConfig:
     max_epochs: float = 4.0  # repeat the unique tokens at most this many times
     seq_len: int = 1024  # training context length
     global_batch_tokens: int | None = None  # tokens per optimizer step; null: from the plan
+    require_tokens: bool = False  # a missing tokens folder is an error rather than a note
 
 
 @dataclass
@@ -164,6 +165,41 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Pretraining with Lightning (`make pretrain`). Sizes left null come from plan.json."""
+
+    precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
+    # plan: the plan's recommendation; auto: one device; ddp, fsdp, deepspeed (ZeRO zero_stage).
+    strategy: Literal["plan", "auto", "ddp", "fsdp", "deepspeed"] = "plan"
+    zero_stage: Literal[2, 3] = 2  # DeepSpeed ZeRO stage when strategy is deepspeed
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1  # per node
+    num_nodes: int = 1
+    tokens: int | None = None  # training tokens; null: the plan's
+    micro_batch: int | None = None  # sequences per device per forward; null: the plan's
+    grad_accum: int | None = None  # micro-batches per optimizer step; null: the plan's
+    seq_len: int | None = None  # null: plan.seq_len
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    warmup_steps: int | None = None  # null: 2% of the steps (at least 1)
+    weight_decay: float = 0.1  # not applied to norms and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max gradient norm; null: no clipping
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool | None = None  # null: the plan's choice
+    val_every: int = 200  # optimizer steps between validations
+    val_batches: int | None = 50  # micro-batches per validation; null: the whole val split
+    ckpt_every: int = 200  # optimizer steps between checkpoints
+    log_every: int = 10  # optimizer steps between logged metrics
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model.safetensors
+    sample_prompt: str = "The"  # `make pretrain` ends by continuing this prompt
+    sample_tokens: int = 48
+
+
+@dataclass
 class Recipe:
     name: str = ""  # the run's name: outputs go to build/<name>/; default: the file's stem
     seed: int = 1234
@@ -172,6 +208,7 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})

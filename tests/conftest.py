@@ -12,6 +12,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from domainlm.corpus.pipeline import build_corpus  # noqa: E402
 from domainlm.recipe import Recipe, load_recipe  # noqa: E402
 
 
@@ -35,3 +36,17 @@ def write_jsonl(path: Path, records: list) -> Path:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The demo recipe's corpus (the stdlib documentation), built once (~15 s)."""
+    root = tmp_path_factory.mktemp("demo")
+    data = yaml.safe_load(Path("recipes/demo.yaml").read_text())
+    data["build_dir"] = str(root / "build")
+    data["corpus"]["sources"][1]["path"] = str(root / "shards")
+    (root / "shards").mkdir()
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    build_corpus(load_recipe(path), progress=False)
+    return root, data

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import small_config
 
 from domainlm.model.config import LlamaConfig, ModelConfigError
 from domainlm.model.llama import Llama
@@ -16,20 +17,7 @@ VOCAB = 101
 
 
 def small(**overrides: object) -> LlamaConfig:
-    shape = dict(
-        vocab_size=VOCAB,
-        n_layers=2,
-        d_model=64,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=96,
-        max_seq_len=64,
-        tie_embeddings=False,
-        rope_theta=10000.0,
-        norm_eps=1e-5,
-    )
-    shape.update(overrides)
-    return LlamaConfig(**shape)  # type: ignore[arg-type]
+    return small_config(**{"vocab_size": VOCAB, **overrides})
 
 
 def build(config: LlamaConfig, seed: int = 0) -> Llama:

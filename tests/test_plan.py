@@ -67,7 +67,16 @@ def fake_probe(monkeypatch):
             machine=hardware.machine_fingerprint(),
         )
 
+    def probe_model(shape, micro_batch, seq_len, precision="bf16-mixed", checkpointing=False):
+        # Smaller models are slower per parameter, as on a real CPU: 25 GFLOP/s at 1M params.
+        calls.append(shape)
+        params = shape["vocab_size"] * shape["d_model"] + shape["n_layers"] * 12 * shape[
+            "d_model"
+        ] ** 2
+        return 25e9 * min(2.0, (params / 1e6) ** 0.25), 3
+
     monkeypatch.setattr(hardware, "probe", probe)
+    monkeypatch.setattr(hardware, "probe_model", probe_model)
     return calls
 
 
@@ -356,11 +365,23 @@ def test_cli_options_override_the_recipe(recipe, fake_probe):
 def test_minutes_budget_uses_the_probe_and_yields_a_tiny_model(recipe, fake_probe):
     r = recipe({"minutes": 20, "seq_len": 256}, tokenizer={"vocab_size": 2048})
     plan = make_plan(r)
-    assert fake_probe == [1]
-    assert plan["flops"] == pytest.approx(50e9 * 20 * 60)
+    assert fake_probe[0] == 1 and len(fake_probe) >= 2  # the generic probe, then the model's
+    rate = plan["hardware"]["flops_per_s"]
+    assert rate < 50e9  # the planned model's own speed replaced the generic probe's
+    assert plan["hardware"]["model_probe"]["shape"]["d_model"] == plan["shape"]["d_model"]
+    assert plan["flops"] == pytest.approx(rate * 20 * 60)
     assert 1e5 < plan["params"] < 1e7
-    assert plan["hours"] == pytest.approx(plan["flops_used"] / 50e9 / 3600)
+    assert plan["hours"] == pytest.approx(plan["flops_used"] / rate / 3600)
+    assert plan["hours"] * 60 == pytest.approx(20, rel=0.01)  # the plan fills the budget
     assert plan["strategy"]["lightning"] == "auto"
+
+
+def test_the_model_probe_times_a_real_training_step():
+    shape = {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 1, "n_kv_heads": 1}
+    t = time.perf_counter()
+    rate, steps = hardware.probe_model({**shape, "ffn_dim": 192}, 2, 64)
+    assert time.perf_counter() - t < 6.0
+    assert rate > 1e7 and steps >= 2
 
 
 def test_the_probe_is_fast_and_measures_something():
@@ -374,11 +395,12 @@ def test_a_stored_probe_is_reused_on_the_same_machine(recipe, fake_probe, capsys
     r = recipe({"minutes": 30}, tokenizer={"vocab_size": 2048})
     run_plan(r, {})
     mtime = (r.run_dir / "plan.json").stat().st_mtime_ns
+    calls = len(fake_probe)
     run_plan(r, {})
-    assert fake_probe == [1]
+    assert len(fake_probe) == calls  # neither probe ran again
     assert (r.run_dir / "plan.json").stat().st_mtime_ns == mtime  # unchanged, not rewritten
     run_plan(r, {}, force=True)
-    assert fake_probe == [1, 1]
+    assert fake_probe.count(1) == 2 and len(fake_probe) > calls + 1
 
 
 @pytest.mark.parametrize(

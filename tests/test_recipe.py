@@ -102,3 +102,21 @@ def test_every_corpus_field_is_documented():
                 DecontamConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} is not in docs/corpus.md"
+
+
+@pytest.mark.parametrize(
+    "section, page",
+    [
+        ("TokenizerConfig", "docs/tokenizer.md"),
+        ("PlanConfig", "docs/plan.md"),
+        ("TrainConfig", "docs/pretrain.md"),
+    ],
+)
+def test_every_stage_field_is_documented(section: str, page: str) -> None:
+    import dataclasses
+
+    import domainlm.recipe as r
+
+    doc = Path(page).read_text(encoding="utf-8")
+    for f in dataclasses.fields(getattr(r, section)):
+        assert f"`{f.name}`" in doc, f"{section}.{f.name} is not in {page}"

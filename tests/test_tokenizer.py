@@ -6,96 +6,23 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import yaml
+from builders import CODE, HARD_TEXTS, row, tiny_corpus, write_corpus, write_split
 from click.testing import CliRunner
-from textgen import document
 
 from domainlm.cli import main
-from domainlm.corpus.pipeline import build_corpus
 from domainlm.errors import UserError
-from domainlm.files import hash_file, hash_json, read_json, write_json
+from domainlm.files import hash_file, read_json
 from domainlm.recipe import load_recipe
 from domainlm.tokenizer import special
 from domainlm.tokenizer.report import Doc, evaluate
 from domainlm.tokenizer.train import _pick, _scan, train_tokenizer
-
-# Text that trips tokenizers: layout, code, numbers and scripts absent from the training text.
-HARD_TEXTS = [
-    "  leading spaces, trailing spaces  ",
-    "one\n\n\n\nfour newlines, then a tab\tand\t\ttwo\n",
-    "def f(x):\n    if x:\n\treturn [1, 2]\n        # deep\n    return None\n",
-    "Prices: 3.14159, 1,000,000 and 2024-01-31; -0.5e-10",
-    "emoji 😀🚀 CJK 日本語の文章 한국어 combining e\u0301 a\u0308 \u00e9 Zalgo z\u0336\u0337",
-    "\n\nstarts with blank lines and ends with spaces\n   \n",
-    "chat <|user|>hello<|end|><|assistant|>hi <|end|>",
-    "mixed\r\nline endings\rand\u2028separators\u00a0nbsp\u200bzero-width",
-    "\t\t  \t",
-]
-
-CODE = """class Ledger:
-    \"\"\"A ledger of {n} entries.\"\"\"
-
-    def total(self, rows):
-        for row in rows:
-            if row.amount > {n}:
-\t\t\tyield row.amount * 100
-        return sum(r.amount for r in rows)
-"""
-
-
-def _row(text: str, source: str, origin: str, copy: int = 0) -> dict:
-    return {
-        "id": origin,
-        "text": text,
-        "source": source,
-        "origin": origin,
-        "license": None,
-        "created": None,
-        "meta": None,
-        "copy": copy,
-    }
-
-
-def _write_split(path: Path, rows: list[dict]) -> None:
-    schema = pa.schema(
-        [(k, pa.string()) for k in ("id", "text", "source", "origin", "license", "created", "meta")]
-        + [("copy", pa.int32())]
-    )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-
-
-def write_corpus(corpus_dir: Path, train: list[dict], val: list[dict]) -> None:
-    """Corpus-stage outputs as `make corpus` writes them: Parquet splits and a manifest."""
-    corpus_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {}
-    for name, rows in (("train-00000.parquet", train), ("val-00000.parquet", val)):
-        _write_split(corpus_dir / name, rows)
-        outputs[name] = {"rows": len(rows), "hash": hash_file(corpus_dir / name)}
-    write_json(
-        corpus_dir / "manifest.json",
-        {"stage": "corpus", "fingerprint": hash_json(outputs), "outputs": outputs},
-    )
-
-
-def tiny_corpus() -> tuple[list[dict], list[dict]]:
-    rng = random.Random(7)
-    train = [_row(document(rng, 150), "news", f"news/a.jsonl:{i}") for i in range(50)]
-    train += [_row(CODE.format(n=i), "code", f"code/b.jsonl:{i}") for i in range(20)]
-    # Upsampled repeats (copy > 0) of two documents: never in the tokenizer's sample.
-    train += [_row(r["text"], r["source"], r["origin"], copy=1) for r in train[:2]]
-    val = [_row(document(rng, 150), "news", f"news/v.jsonl:{i}") for i in range(5)]
-    val += [_row(t, "hard", f"hard/h.jsonl:{i}") for i, t in enumerate(HARD_TEXTS)]
-    val += [_row(CODE.format(n=99), "code", "code/v.jsonl:0")]
-    return train, val
-
 
 _recipe_numbers = itertools.count()
 
@@ -250,11 +177,11 @@ def test_model_with_other_chat_pieces_is_refused(trained):
 
 
 def test_sample_is_by_hash_capped_and_skips_copies(tmp_path):
-    rows = [_row(f"doc {i} " + "x" * i, "s", f"s/f.jsonl:{i}") for i in range(100)]
-    rows += [_row("repeat", "s", "s/f.jsonl:3", copy=2)]
+    rows = [row(f"doc {i} " + "x" * i, "s", f"s/f.jsonl:{i}") for i in range(100)]
+    rows += [row("repeat", "s", "s/f.jsonl:3", copy=2)]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    _write_split(a, rows[:50])
-    _write_split(b, rows[50:])
+    write_split(a, rows[:50])
+    write_split(b, rows[50:])
 
     def origins(paths, max_docs, max_chars, seed=1):
         picked, seen = _pick(_scan(paths, seed, "t"), max_docs, max_chars)
@@ -369,20 +296,6 @@ def test_bad_vocab_sizes_are_user_errors(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the demo corpus
-
-
-@pytest.fixture(scope="session")
-def demo_corpus(tmp_path_factory):
-    """The demo recipe's corpus (the stdlib documentation), built once (~15 s)."""
-    root = tmp_path_factory.mktemp("demo")
-    data = yaml.safe_load(Path("recipes/demo.yaml").read_text())
-    data["build_dir"] = str(root / "build")
-    data["corpus"]["sources"][1]["path"] = str(root / "shards")
-    (root / "shards").mkdir()
-    path = root / "demo.yaml"
-    path.write_text(yaml.safe_dump(data))
-    build_corpus(load_recipe(path), progress=False)
-    return root, data
 
 
 def test_demo_corpus_every_validation_document_round_trips(demo_corpus):

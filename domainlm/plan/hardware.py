@@ -226,3 +226,66 @@ def probe(seconds: float = 0.75, limit: float = 2.5) -> Probe:
         steps=len(times),
         machine=machine_fingerprint(),
     )
+
+
+def probe_model(
+    shape: dict,
+    micro_batch: int,
+    seq_len: int,
+    precision: str = "bf16-mixed",
+    checkpointing: bool = False,
+    seconds: float = 1.0,
+    limit: float = 6.0,
+) -> tuple[float, int]:
+    """(FLOP/s, timed steps) of a real training step of this model shape on this machine.
+
+    The step is what `make pretrain` runs: our decoder forward and backward on a micro-batch
+    under the precision, then AdamW. FLOPs are counted as the budget counts them, 6 N per
+    token with N all parameters. A warm-up step runs first; the median of the timed steps
+    (at least 2, for about `seconds`, stopping before `limit`) gives the rate.
+    """
+    import torch
+
+    from domainlm.model.config import LlamaConfig
+    from domainlm.model.llama import Llama
+
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fields = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim")
+    config = LlamaConfig(
+        **{k: int(shape[k]) for k in fields},
+        max_seq_len=seq_len,
+        tie_embeddings=bool(shape.get("tie_embeddings", True)),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Llama(config).to(device)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    model.gradient_checkpointing = checkpointing
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    idx = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=g).to(device)
+    targets = torch.roll(idx, -1, dims=1)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+            _, loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while len(times) < 20:
+        t = time.perf_counter()
+        if len(times) >= 2 and (t - t0 >= seconds or t - t_start + times[-1] > limit):
+            break
+        step()
+        times.append(time.perf_counter() - t)
+    n = config.num_params()
+    return 6.0 * n * micro_batch * seq_len / statistics.median(times), len(times)

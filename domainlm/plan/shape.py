@@ -18,6 +18,9 @@ MAX_D_MODEL = 65536
 ASPECT_RANGE = (32, 128)
 TINY_ASPECT_RANGE = (6, 128)
 TINY_D_MODEL = 256
+# The usual tiers want at least two layers: one layer cannot form induction heads (Olsson et
+# al. 2022), the two-layer circuit behind copying from context; one layer is a last resort.
+MIN_LAYERS = 2
 
 
 class ShapeError(UserError):
@@ -160,8 +163,9 @@ def search_shape(
 
     Candidates go in tiers, each used only if the one before has none within tolerance:
     (0) SwiGLU at 8/3 d_model and d_model/n_layers in 32..128; (1) narrow models (d_model <= 256)
-    also deeper, down to 8; (2) SwiGLU width anywhere in 2..4 d_model. Within a tier the
-    score trades the count's error against the distance from the usual aspect ratio.
+    also deeper, down to 6; (2) SwiGLU width anywhere in 2..4 d_model; (3) as 2, with a single
+    layer allowed (tiers 0-2 want at least MIN_LAYERS). Within a tier the score trades the
+    count's error against the distance from the usual aspect ratio.
     """
     if vocab_size < 1:
         raise ShapeError(f"vocab_size must be positive, got {vocab_size}")
@@ -177,7 +181,7 @@ def search_shape(
         )
     aspect = preferred_aspect(target)
     # The relaxed tier is searched only when the usual ones find nothing: it is the slow one.
-    for tiers in ((0, 1), (2,)):
+    for tiers in ((0, 1), (2,), (3,)):
         found = list(_candidates(target, vocab_size, tie_embeddings, aspect, tolerance, tiers))
         if found:
             _, _, n_layers, d_model, ffn_dim = min(found)
@@ -196,7 +200,7 @@ def search_shape(
             )
     # Only tiny models with a large vocabulary get here: widening d_model by 64 adds a whole
     # 64-column slice of the embedding table, a step larger than the tolerance.
-    near = list(_candidates(target, vocab_size, tie_embeddings, aspect, 1.0, (2,)))
+    near = list(_candidates(target, vocab_size, tie_embeddings, aspect, 1.0, (3,)))
     counts = sorted({_count(vocab_size, tie_embeddings, c[2], c[3], c[4]) for c in near})
     below = max((c for c in counts if c < target), default=floor.params)
     above = min((c for c in counts if c > target), default=None)
@@ -241,10 +245,15 @@ def _candidates(
             return
         n_heads, n_kv = heads_for(d)
         tiny = TINY_ASPECT_RANGE if d <= TINY_D_MODEL else ASPECT_RANGE
-        plans = {0: (ASPECT_RANGE, False), 1: (tiny, False), 2: (tiny, True)}
+        plans = {
+            0: (ASPECT_RANGE, False, MIN_LAYERS),
+            1: (tiny, False, MIN_LAYERS),
+            2: (tiny, True, MIN_LAYERS),
+            3: (tiny, True, 1),
+        }
         for tier in tiers:
-            (lo_aspect, hi_aspect), relaxed = plans[tier]
-            lo_layers = max(1, math.ceil(d / hi_aspect))
+            (lo_aspect, hi_aspect), relaxed, min_layers = plans[tier]
+            lo_layers = max(min_layers, math.ceil(d / hi_aspect))
             hi_layers = max(lo_layers, d // lo_aspect)
             for ffn in _ffn_options(d, relaxed):
                 per_layer = layer_params(d, n_heads, n_kv, ffn)

@@ -1,0 +1,134 @@
+"""The LightningModule that trains our decoder on next-token prediction (pretraining)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from domainlm.model.config import LlamaConfig
+from domainlm.model.llama import Llama
+from domainlm.recipe import TrainConfig
+from domainlm.train import optim
+
+
+class PretrainModule(L.LightningModule):
+    """Our Llama decoder with AdamW and a warmup + cosine (or WSD) schedule.
+
+    Logged: train/loss (mean over the step's micro-batches, this rank; all ranks' mean when
+    distributed), train/lr, val/loss, val/ppl and val/bpb (bits per byte: nats per token over
+    ln 2 and the validation split's bytes per token, comparable across tokenizers).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        train: TrainConfig,
+        *,
+        total_steps: int,
+        grad_accum: int,
+        seq_len: int,
+        micro_batch: int,
+        val_bytes_per_token: float | None = None,
+        fused_optimizer: bool = True,
+    ) -> None:
+        super().__init__()
+        # Plain data only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "config": asdict(config),
+                "train": asdict(train),
+                "total_steps": total_steps,
+                "grad_accum": grad_accum,
+                "seq_len": seq_len,
+                "micro_batch": micro_batch,
+            }
+        )
+        self.config = config
+        self.train_cfg = train
+        self.total_steps = total_steps
+        self.grad_accum = grad_accum
+        self.val_bytes_per_token = val_bytes_per_token
+        self.fused_optimizer = fused_optimizer
+        self.model = Llama(config)
+        self.model.gradient_checkpointing = bool(train.activation_checkpointing)
+        # For Lightning's throughput utilities: the PaLM count, per micro-batch on one device.
+        self.flops_per_batch = config.flops_per_token(seq_len) * micro_batch * seq_len
+        self._step_loss: torch.Tensor | None = None
+        self._val_sum: torch.Tensor | None = None
+
+    def configure_model(self) -> None:
+        if self.train_cfg.compile:
+            # Compile the blocks' math but keep the module (and its parameter names) intact.
+            self.model.forward = torch.compile(self.model.forward)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)[0]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        _, loss = self.model(x, y)
+        part = loss.detach() / self.grad_accum
+        self._step_loss = part if self._step_loss is None else self._step_loss + part
+        if (batch_idx + 1) % self.grad_accum == 0:
+            step = self.global_step  # the optimizer step this micro-batch completes
+            if step % self.train_cfg.log_every == 0 or step == self.total_steps - 1:
+                self._log_step(self._step_loss)
+            self._step_loss = None
+        return loss
+
+    def _log_step(self, step_loss: torch.Tensor) -> None:
+        """Log the step's mean loss (over micro-batches, and over ranks) and learning rate.
+
+        Only every log_every steps: that is the one host sync (and, distributed, the one
+        all-reduce) the loop makes for logging. Values go to Lightning as CPU tensors, so
+        its progress bar reads them without waiting for the GPU.
+        """
+        if self.trainer.world_size > 1:
+            step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="mean")
+        self.log("train/loss", torch.tensor(step_loss.item()), prog_bar=True)
+        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        # Sum of token losses and the token count, reduced over ranks at the end: the exact
+        # mean over every validation token, whatever the batch sizes.
+        self._val_sum += torch.stack([loss.double() * y.numel(), y.new_tensor(y.numel()).double()])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        loss = total[0] / total[1].clamp(min=1)
+        self.log("val/loss", loss.float(), prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(loss).float(), rank_zero_only=True)
+        if self.val_bytes_per_token:
+            bpb = loss / math.log(2) / self.val_bytes_per_token
+            self.log("val/bpb", bpb.float(), rank_zero_only=True)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        # Lightning refuses to clip for a fused optimizer under mixed precision, because with a
+        # float16 loss scaler the fused step unscales internally. bf16 has no scaler, and the
+        # gradients here are whole (DDP or one device: the only cases that get a fused AdamW),
+        # so clipping them directly is exact.
+        if optimizer.defaults.get("fused") and gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        optimizer = optim.make_optimizer(self.model, self.train_cfg, self.fused_optimizer)
+        warmup = optim.warmup_steps(self.train_cfg, self.total_steps)
+        total, cfg = self.total_steps, self.train_cfg
+        schedule = LambdaLR(optimizer, lambda step: optim.lr_factor(step, total, warmup, cfg))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,334 @@
+"""`make pretrain`: learning, export to transformers, exact resume after kill -9 and Ctrl-C,
+DDP equivalence on CPU, schedules, parameter groups and the errors a recipe can cause."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from builders import grammar_corpus, tiny_run
+
+from domainlm.errors import UserError
+from domainlm.files import read_json
+from domainlm.model.config import LlamaConfig
+from domainlm.model.llama import Llama
+from domainlm.recipe import TrainConfig, load_recipe
+from domainlm.train import optim
+from domainlm.train.pretrain import pretrain
+from domainlm.train.settings import resolve
+
+MODEL = {
+    "from_plan": False,
+    "n_layers": 2,
+    "d_model": 64,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "ffn_dim": 128,
+    "max_seq_len": 64,
+    "tie_embeddings": True,
+}
+STEPS = 100
+TRAIN = {
+    "seq_len": 32,
+    "micro_batch": 4,
+    "grad_accum": 1,
+    "tokens": 4 * 32 * 100,  # STEPS steps
+    "lr": 1e-2,
+    "warmup_steps": 4,
+    "val_every": 20,
+    "val_batches": None,
+    "ckpt_every": 10,
+    "log_every": 1,
+    "sample_prompt": "The",
+    "sample_tokens": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    """A tiny run with corpus, tokenizer and tokens built once; recipes are copies of it."""
+    root = tmp_path_factory.mktemp("pretrain")
+    tiny_run(root, vocab_size=320, corpus=grammar_corpus(), model=MODEL, train=TRAIN)
+    return root
+
+
+def recipe_copy(root: Path, name: str, **train) -> Path:
+    """A recipe sharing the tiny run's build folder under a new run name (stages copied)."""
+    import shutil
+
+    base = yaml.safe_load((root / "tiny.yaml").read_text())
+    base["name"] = name
+    base["train"] = {**base["train"], **train}
+    for stage in ("corpus", "tokenizer", "tokens"):
+        dst = root / "build" / name / stage
+        if not dst.exists():
+            shutil.copytree(root / "build" / "tiny" / stage, dst)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """train/loss per optimizer step from the CSV log (the last value when a step repeats)."""
+    out: dict[int, float] = {}
+    with open(run_dir / "pretrain" / "logs" / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def cli(recipe: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "domainlm", "pretrain", "--recipe", str(recipe), "--no-progress"]
+    return subprocess.Popen([*cmd, *args], env=env, text=True, **popen)
+
+
+# ----------------------------------------------------------------------------- learning, export
+
+
+@pytest.fixture(scope="module")
+def trained(run_root):
+    recipe = load_recipe(run_root / "tiny.yaml")
+    manifest = pretrain(recipe, progress=False)
+    return recipe, manifest
+
+
+def test_loss_falls_below_the_unigram_baseline(trained):
+    recipe, manifest = trained
+    m = manifest["metrics"]
+    assert m["steps"] == STEPS and m["tokens"] == STEPS * 4 * 32
+    assert m["val_loss"] < m["unigram_baseline"] - 0.3
+    assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
+    steps = losses(recipe.run_dir)
+    assert sorted(steps) == list(range(STEPS))  # one logged loss per optimizer step
+    assert steps[STEPS - 1] < steps[0] - 1.0
+    assert m["sample"]["text"].startswith("The")
+
+
+def test_logs_and_checkpoints_are_written(trained):
+    recipe, _ = trained
+    out = recipe.stage_dir("pretrain")
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    header = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    for key in ("train/loss", "train/lr", "val/loss", "val/ppl", "val/bpb", "perf/tokens_per_s"):
+        assert key in header
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == STEPS
+
+
+def test_export_loads_in_transformers_with_equal_logits(trained):
+    transformers = pytest.importorskip("transformers")
+    recipe, _ = trained
+    folder = recipe.stage_dir("pretrain") / "model"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.model"} <= (
+        names
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ckpt = torch.load(recipe.stage_dir("pretrain") / "checkpoints" / "last.ckpt", weights_only=True)
+    config = LlamaConfig(**ckpt["hyper_parameters"]["config"])
+    ours = Llama(config).eval()
+    ours.load_state_dict(
+        {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    )
+    idx = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_a_second_run_is_up_to_date(trained, capsys):
+    recipe, manifest = trained
+    model = recipe.stage_dir("pretrain") / "model" / "model.safetensors"
+    mtime = model.stat().st_mtime_ns
+    again = pretrain(recipe, progress=False)
+    assert "up to date" in capsys.readouterr().out
+    assert again["fingerprint"] == manifest["fingerprint"]
+    assert model.stat().st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "training ended before the checkpoint appeared"
+        assert time.time() - t < timeout
+        time.sleep(0.05)
+
+
+def test_resume_after_kill_9_gives_the_same_losses(run_root, trained):
+    reference = losses(trained[0].run_dir)
+    recipe = recipe_copy(run_root, "killed")
+    run_dir = load_recipe(recipe).run_dir
+    proc = cli(recipe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(run_dir / "pretrain" / "checkpoints" / "step-step=000010.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "pretrain" / "model").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "domainlm", "pretrain", "--recipe", str(recipe), "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout
+    resumed = losses(run_dir)
+    assert sorted(resumed) == sorted(reference)
+    for step in range(10, STEPS):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_resumes_exactly(run_root, trained):
+    reference = losses(trained[0].run_dir)
+    recipe = recipe_copy(run_root, "interrupted", ckpt_every=1000)
+    run_dir = load_recipe(recipe).run_dir
+    proc = cli(recipe, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run_dir / "pretrain" / "logs" / "metrics.csv"
+    t = time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 6):
+        assert proc.poll() is None and time.time() - t < 120
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "run `make pretrain` again to continue" in err
+    ckpt = torch.load(run_dir / "pretrain" / "checkpoints" / "last.ckpt", weights_only=True)
+    stopped = ckpt["global_step"]
+    assert 0 < stopped < STEPS
+    done = cli(recipe, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = done.communicate(timeout=180)
+    assert done.returncode == 0, err
+    resumed = losses(run_dir)
+    for step in range(stopped, STEPS):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_changed_recipe_discards_stale_checkpoints(run_root, trained, capsys):
+    recipe = load_recipe(recipe_copy(run_root, "changed", tokens=4 * 32 * 12, ckpt_every=6))
+    pretrain(recipe, progress=False)
+    changed = load_recipe(recipe_copy(run_root, "changed", tokens=4 * 32 * 12, lr=1e-3))
+    pretrain(changed, progress=False)
+    out = capsys.readouterr().out
+    assert "starting afresh" in out and "resuming" not in out
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process(run_root):
+    # float32, so that the comparison is of the data split and the gradient averaging, not
+    # of bf16 rounding (which differs with the batch's shape).
+    recipe = recipe_copy(
+        run_root,
+        "ddp",
+        strategy="ddp",
+        devices=2,
+        micro_batch=2,
+        tokens=4 * 32 * 12,
+        precision="32-true",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "domainlm", "pretrain", "--recipe", str(recipe), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_json(load_recipe(recipe).stage_dir("pretrain") / "manifest.json")
+    assert manifest["settings"]["world_size"] == 2 and manifest["settings"]["strategy"] == "ddp"
+    both = losses(load_recipe(recipe).run_dir)
+    # The same 12 global batches of 4 sequences, split over two processes, give the losses of
+    # one process with micro-batch 4 (the same schedule, over 12 steps).
+    assert sorted(both) == list(range(12))
+    reference = _single_process(run_root)
+    for step in range(12):
+        assert both[step] == pytest.approx(reference[step], rel=2e-5), step
+
+
+def _single_process(run_root: Path) -> dict[int, float]:
+    recipe = load_recipe(
+        recipe_copy(run_root, "single", tokens=4 * 32 * 12, precision="32-true")
+    )
+    pretrain(recipe, progress=False)
+    return losses(recipe.run_dir)
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(min_lr_ratio=0.1)
+    f = [optim.lr_factor(s, 100, 10, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+    assert f[-1] == pytest.approx(0.1)
+
+
+def test_wsd_schedule_is_flat_then_decays_linearly():
+    cfg = TrainConfig(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    f = [optim.lr_factor(s, 100, 5, cfg) for s in range(100)]
+    assert f[4] == 1.0 and f[79] == 1.0 and f[80] == 1.0
+    assert f[90] == pytest.approx(1 - 10 / 19)
+    assert f[-1] == pytest.approx(0.0)
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    model = Llama(
+        LlamaConfig(
+            vocab_size=64,
+            n_layers=1,
+            d_model=16,
+            n_heads=2,
+            n_kv_heads=2,
+            ffn_dim=32,
+            tie_embeddings=True,
+        )
+    )
+    decay, no_decay = optim.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+    }
+    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert total == sum(p.numel() for p in model.parameters())  # tied weight counted once
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"accelerator": "gpu"}, "has no CUDA GPU"),
+        ({"strategy": "fsdp"}, "FSDP.*needs CUDA GPUs"),
+        ({"strategy": "deepspeed"}, "DeepSpeed.*needs CUDA GPUs"),
+        ({"precision": "16-mixed"}, "16-mixed.*GPUs"),
+        ({"micro_batch": 0}, "train.micro_batch must be >= 1"),
+    ],
+)
+def test_gpu_only_choices_on_a_cpu_are_one_clear_error(run_root, train, match):
+    if torch.cuda.is_available():
+        pytest.skip("these are the errors of a machine without a GPU")
+    recipe = load_recipe(recipe_copy(run_root, "errors", **train))
+    with pytest.raises(UserError, match=match):
+        resolve(recipe)
+
+
+def test_a_missing_plan_names_the_command(run_root):
+    path = recipe_copy(run_root, "noplan")
+    data = yaml.safe_load(path.read_text())
+    data["model"]["from_plan"] = True
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="make plan"):
+        resolve(load_recipe(path))
