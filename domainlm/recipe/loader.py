@@ -1,4 +1,5 @@
-"""Recipes: YAML files loaded into dataclasses and validated with messages that name the key."""
+"""The Recipe (every section) and its loading: YAML into dataclasses, validated with messages
+that name the file, the line, the key and the fix."""
 
 from __future__ import annotations
 
@@ -13,190 +14,18 @@ from typing import Any, Literal
 import yaml
 
 from domainlm.errors import UserError
+from domainlm.recipe.corpus import (
+    CorpusConfig,
+    PIIConfig,
+    QualityFilters,
+    SourceConfig,
+)
+from domainlm.recipe.finetune import FinetuneConfig
+from domainlm.recipe.stages import ModelConfig, PlanConfig, TokenizerConfig, TrainConfig
 
 
 class RecipeError(UserError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
-
-
-# --------------------------------------------------------------------------------------------
-# Corpus section. Every field has a default; the comment after it is its documentation
-# (docs/corpus.md is written from the same words).
-
-
-@dataclass
-class QualityFilters:
-    """Gopher/C4-style document rules. Set any threshold to null to switch that rule off."""
-
-    min_chars: int | None = 1  # documents shorter than this many characters are dropped
-    max_chars: int | None = 1_000_000  # ... and longer than this
-    min_words: int | None = 50  # Gopher: at least 50 words
-    max_words: int | None = 100_000  # Gopher: at most 100,000 words
-    min_mean_word_length: float | None = 3.0  # Gopher: mean word length within [3, 10]
-    max_mean_word_length: float | None = 10.0
-    max_symbol_word_ratio: float | None = 0.1  # ('#' + '...') per word
-    max_bullet_lines: float | None = 0.9  # fraction of lines that start with a bullet
-    max_ellipsis_lines: float | None = 0.3  # fraction of lines that end with an ellipsis
-    min_alpha_words: float | None = 0.8  # fraction of words with an alphabetic character
-    min_stop_words: int | None = 2  # English stop words (the, be, to, of, and, that, have, with)
-    max_dup_line_fraction: float | None = 0.3  # lines that repeat, by count
-    max_dup_para_fraction: float | None = 0.3  # paragraphs that repeat, by count
-    max_dup_line_char_fraction: float | None = 0.2  # characters in repeated lines
-    max_dup_para_char_fraction: float | None = 0.2  # characters in repeated paragraphs
-    # Characters covered by the most frequent n-gram, for n = 2, 3, 4.
-    max_top_ngram_char_fraction: dict[int, float] | None = field(
-        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16}
-    )
-    # Characters covered by n-grams that occur more than once, for n = 5..10.
-    max_dup_ngram_char_fraction: dict[int, float] | None = field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
-    )
-    languages: list[str] | None = field(default_factory=lambda: ["en"])  # null: no language id
-    min_language_score: float = 0.65  # langdetect probability of the detected language
-    language_prefix_chars: int = 1000  # language id reads this many leading characters
-
-
-@dataclass
-class PIIConfig:
-    """Personal data replaced by placeholders (<EMAIL>, <PHONE>, <IP>, <CARD>)."""
-
-    emails: bool = True
-    phones: bool = True
-    ips: bool = True
-    cards: bool = True  # only digit runs that pass the Luhn check
-
-
-@dataclass
-class DedupConfig:
-    exact: bool = True  # drop documents whose normalized text is identical
-    near: bool = True  # drop near-duplicates found with MinHash LSH
-    shingle: int = 5  # word n-gram size of the shingles
-    num_perm: int = 128  # MinHash permutations
-    threshold: float = 0.8  # Jaccard similarity at and above which documents are duplicates
-
-
-@dataclass
-class DecontamConfig:
-    files: list[str] = field(default_factory=list)  # eval sets (JSONL with `text`, or .txt)
-    ngram: int = 13  # word n-gram length, as GPT-3's decontamination
-    max_overlap: float = 0.0  # drop a document sharing more than this fraction of its n-grams
-
-
-@dataclass
-class SourceConfig:
-    name: str = ""  # the source's name in counts and reports
-    kind: Literal["shards", "python-docs"] = "shards"
-    path: str | None = None  # for shards: a folder (searched recursively) or a glob
-    weight: float | None = None  # target share of training characters after mixing
-    filters: dict[str, Any] | None = None  # overrides of corpus.filters for this source
-    pii: dict[str, Any] | None = None  # overrides of corpus.pii for this source
-
-
-@dataclass
-class CorpusConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-    on_bad_shard: Literal["fail", "skip"] = "fail"  # a shard that cannot be opened at all
-    workers: int = 0  # processes for per-shard work; 0 = all cores
-    max_record_bytes: int = 8 * 1024 * 1024  # longer lines/records are quarantined
-    filters: QualityFilters = field(default_factory=QualityFilters)
-    pii: PIIConfig = field(default_factory=PIIConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
-    val_fraction: float = 0.01  # share of documents (by hash) held out for validation
-    docs_per_output_shard: int = 50_000  # rows per Parquet file written
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer, plan and model sections.
-
-
-@dataclass
-class TokenizerConfig:
-    """SentencePiece training (`make tokenizer`)."""
-
-    type: Literal["unigram", "bpe"] = "unigram"  # unigram as BloombergGPT
-    vocab_size: int | Literal["auto"] = 8192  # a multiple of 64, or auto: chosen from candidates
-    candidates: list[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768])
-    sample_docs: int = 200_000  # training documents sampled (deterministically) from train
-    max_sample_chars: int = 200_000_000  # memory cap on the training sample
-    eval_docs: int = 2000  # validation documents used for auto size and the report
-    character_coverage: float = 0.9999
-    byte_fallback: bool = True  # unknown characters become UTF-8 bytes, never <unk>
-    split_digits: bool = True  # every digit its own piece
-    # Pieces reserved for the chat template, never split.
-    special_tokens: list[str] = field(
-        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    )
-    threads: int = 0  # 0 = every core
-
-
-@dataclass
-class PlanConfig:
-    """The compute budget and how to spend it (`make plan`): flops, gpu + hours, or minutes."""
-
-    flops: float | None = None  # total training FLOPs
-    gpu: str | None = None  # accelerator name (h100, a100, ...) with gpus, hours, mfu
-    gpus: int = 1
-    hours: float | None = None
-    mfu: float = 0.4  # expected model FLOPs utilization
-    minutes: float | None = None  # wall-clock on this machine (measured with a short probe)
-    law: Literal["approach1", "approach3"] = "approach3"  # Chinchilla approach
-    fit: Literal["chinchilla", "epoch"] = "chinchilla"  # approach 3 constants: paper or Epoch AI
-    max_epochs: float = 4.0  # repeat the unique tokens at most this many times
-    seq_len: int = 1024  # training context length
-    global_batch_tokens: int | None = None  # tokens per optimizer step; null: from the plan
-    require_tokens: bool = False  # a missing tokens folder is an error rather than a note
-
-
-@dataclass
-class ModelConfig:
-    """The decoder's shape. With from_plan, `make pretrain` takes the shape from plan.json."""
-
-    from_plan: bool = True
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    n_kv_heads: int = 4  # fewer than n_heads: grouped-query attention
-    ffn_dim: int = 704  # SwiGLU hidden size
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-
-
-@dataclass
-class TrainConfig:
-    """Pretraining with Lightning (`make pretrain`). Sizes left null come from plan.json."""
-
-    precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
-    # plan: the plan's recommendation; auto: one device; ddp, fsdp, deepspeed (ZeRO zero_stage).
-    strategy: Literal["plan", "auto", "ddp", "fsdp", "deepspeed"] = "plan"
-    zero_stage: Literal[2, 3] = 2  # DeepSpeed ZeRO stage when strategy is deepspeed
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int | Literal["auto"] = 1  # per node
-    num_nodes: int = 1
-    tokens: int | None = None  # training tokens; null: the plan's
-    micro_batch: int | None = None  # sequences per device per forward; null: the plan's
-    grad_accum: int | None = None  # micro-batches per optimizer step; null: the plan's
-    seq_len: int | None = None  # null: plan.seq_len
-    lr: float = 3e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
-    warmup_steps: int | None = None  # null: 2% of the steps (at least 1)
-    weight_decay: float = 0.1  # not applied to norms and embeddings
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max gradient norm; null: no clipping
-    compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool | None = None  # null: the plan's choice
-    val_every: int = 200  # optimizer steps between validations
-    val_batches: int | None = 50  # micro-batches per validation; null: the whole val split
-    ckpt_every: int = 200  # optimizer steps between checkpoints
-    log_every: int = 10  # optimizer steps between logged metrics
-    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model.safetensors
-    sample_prompt: str = "The"  # `make pretrain` ends by continuing this prompt
-    sample_tokens: int = 48
 
 
 @dataclass
@@ -209,6 +38,7 @@ class Recipe:
     plan: PlanConfig = field(default_factory=PlanConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})

@@ -1,0 +1,47 @@
+"""Recipes: one YAML file describes a whole run; its sections are dataclasses (one module per
+stage group) and `load_recipe` validates it with messages that name the key."""
+
+from domainlm.recipe.corpus import (
+    CorpusConfig,
+    DecontamConfig,
+    DedupConfig,
+    PIIConfig,
+    QualityFilters,
+    SourceConfig,
+)
+from domainlm.recipe.finetune import (
+    AdapterConfig,
+    FinetuneConfig,
+    FullConfig,
+    InstructionSource,
+    LoRAConfig,
+    PromptTuningConfig,
+    SelectiveConfig,
+)
+from domainlm.recipe.loader import Recipe, RecipeError, load_recipe, merged, section_dict
+from domainlm.recipe.stages import ModelConfig, PlanConfig, TokenizerConfig, TrainConfig
+
+__all__ = [
+    "AdapterConfig",
+    "CorpusConfig",
+    "DecontamConfig",
+    "DedupConfig",
+    "FinetuneConfig",
+    "FullConfig",
+    "InstructionSource",
+    "LoRAConfig",
+    "ModelConfig",
+    "PIIConfig",
+    "PlanConfig",
+    "PromptTuningConfig",
+    "QualityFilters",
+    "Recipe",
+    "RecipeError",
+    "SelectiveConfig",
+    "SourceConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "load_recipe",
+    "merged",
+    "section_dict",
+]

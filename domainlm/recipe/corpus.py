@@ -1,0 +1,94 @@
+"""The recipe's `corpus:` section: sources, quality filters, PII, dedup, decontamination."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# --------------------------------------------------------------------------------------------
+# Corpus section. Every field has a default; the comment after it is its documentation
+# (docs/corpus.md is written from the same words).
+
+
+@dataclass
+class QualityFilters:
+    """Gopher/C4-style document rules. Set any threshold to null to switch that rule off."""
+
+    min_chars: int | None = 1  # documents shorter than this many characters are dropped
+    max_chars: int | None = 1_000_000  # ... and longer than this
+    min_words: int | None = 50  # Gopher: at least 50 words
+    max_words: int | None = 100_000  # Gopher: at most 100,000 words
+    min_mean_word_length: float | None = 3.0  # Gopher: mean word length within [3, 10]
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1  # ('#' + '...') per word
+    max_bullet_lines: float | None = 0.9  # fraction of lines that start with a bullet
+    max_ellipsis_lines: float | None = 0.3  # fraction of lines that end with an ellipsis
+    min_alpha_words: float | None = 0.8  # fraction of words with an alphabetic character
+    min_stop_words: int | None = 2  # English stop words (the, be, to, of, and, that, have, with)
+    max_dup_line_fraction: float | None = 0.3  # lines that repeat, by count
+    max_dup_para_fraction: float | None = 0.3  # paragraphs that repeat, by count
+    max_dup_line_char_fraction: float | None = 0.2  # characters in repeated lines
+    max_dup_para_char_fraction: float | None = 0.2  # characters in repeated paragraphs
+    # Characters covered by the most frequent n-gram, for n = 2, 3, 4.
+    max_top_ngram_char_fraction: dict[int, float] | None = field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16}
+    )
+    # Characters covered by n-grams that occur more than once, for n = 5..10.
+    max_dup_ngram_char_fraction: dict[int, float] | None = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+    languages: list[str] | None = field(default_factory=lambda: ["en"])  # null: no language id
+    min_language_score: float = 0.65  # langdetect probability of the detected language
+    language_prefix_chars: int = 1000  # language id reads this many leading characters
+
+
+@dataclass
+class PIIConfig:
+    """Personal data replaced by placeholders (<EMAIL>, <PHONE>, <IP>, <CARD>)."""
+
+    emails: bool = True
+    phones: bool = True
+    ips: bool = True
+    cards: bool = True  # only digit runs that pass the Luhn check
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True  # drop documents whose normalized text is identical
+    near: bool = True  # drop near-duplicates found with MinHash LSH
+    shingle: int = 5  # word n-gram size of the shingles
+    num_perm: int = 128  # MinHash permutations
+    threshold: float = 0.8  # Jaccard similarity at and above which documents are duplicates
+
+
+@dataclass
+class DecontamConfig:
+    files: list[str] = field(default_factory=list)  # eval sets (JSONL with `text`, or .txt)
+    ngram: int = 13  # word n-gram length, as GPT-3's decontamination
+    max_overlap: float = 0.0  # drop a document sharing more than this fraction of its n-grams
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""  # the source's name in counts and reports
+    kind: Literal["shards", "python-docs"] = "shards"
+    path: str | None = None  # for shards: a folder (searched recursively) or a glob
+    weight: float | None = None  # target share of training characters after mixing
+    filters: dict[str, Any] | None = None  # overrides of corpus.filters for this source
+    pii: dict[str, Any] | None = None  # overrides of corpus.pii for this source
+
+
+@dataclass
+class CorpusConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    on_bad_shard: Literal["fail", "skip"] = "fail"  # a shard that cannot be opened at all
+    workers: int = 0  # processes for per-shard work; 0 = all cores
+    max_record_bytes: int = 8 * 1024 * 1024  # longer lines/records are quarantined
+    filters: QualityFilters = field(default_factory=QualityFilters)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
+    val_fraction: float = 0.01  # share of documents (by hash) held out for validation
+    docs_per_output_shard: int = 50_000  # rows per Parquet file written
+
+

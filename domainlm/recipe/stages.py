@@ -1,0 +1,100 @@
+"""The recipe's `tokenizer:`, `plan:`, `model:` and `train:` sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer, plan and model sections.
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece training (`make tokenizer`)."""
+
+    type: Literal["unigram", "bpe"] = "unigram"  # unigram as BloombergGPT
+    vocab_size: int | Literal["auto"] = 8192  # a multiple of 64, or auto: chosen from candidates
+    candidates: list[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768])
+    sample_docs: int = 200_000  # training documents sampled (deterministically) from train
+    max_sample_chars: int = 200_000_000  # memory cap on the training sample
+    eval_docs: int = 2000  # validation documents used for auto size and the report
+    character_coverage: float = 0.9999
+    byte_fallback: bool = True  # unknown characters become UTF-8 bytes, never <unk>
+    split_digits: bool = True  # every digit its own piece
+    # Pieces reserved for the chat template, never split.
+    special_tokens: list[str] = field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    )
+    threads: int = 0  # 0 = every core
+
+
+@dataclass
+class PlanConfig:
+    """The compute budget and how to spend it (`make plan`): flops, gpu + hours, or minutes."""
+
+    flops: float | None = None  # total training FLOPs
+    gpu: str | None = None  # accelerator name (h100, a100, ...) with gpus, hours, mfu
+    gpus: int = 1
+    hours: float | None = None
+    mfu: float = 0.4  # expected model FLOPs utilization
+    minutes: float | None = None  # wall-clock on this machine (measured with a short probe)
+    law: Literal["approach1", "approach3"] = "approach3"  # Chinchilla approach
+    fit: Literal["chinchilla", "epoch"] = "chinchilla"  # approach 3 constants: paper or Epoch AI
+    max_epochs: float = 4.0  # repeat the unique tokens at most this many times
+    seq_len: int = 1024  # training context length
+    global_batch_tokens: int | None = None  # tokens per optimizer step; null: from the plan
+    require_tokens: bool = False  # a missing tokens folder is an error rather than a note
+
+
+@dataclass
+class ModelConfig:
+    """The decoder's shape. With from_plan, `make pretrain` takes the shape from plan.json."""
+
+    from_plan: bool = True
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 4  # fewer than n_heads: grouped-query attention
+    ffn_dim: int = 704  # SwiGLU hidden size
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining with Lightning (`make pretrain`). Sizes left null come from plan.json."""
+
+    precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
+    # plan: the plan's recommendation; auto: one device; ddp, fsdp, deepspeed (ZeRO zero_stage).
+    strategy: Literal["plan", "auto", "ddp", "fsdp", "deepspeed"] = "plan"
+    zero_stage: Literal[2, 3] = 2  # DeepSpeed ZeRO stage when strategy is deepspeed
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1  # per node
+    num_nodes: int = 1
+    tokens: int | None = None  # training tokens; null: the plan's
+    micro_batch: int | None = None  # sequences per device per forward; null: the plan's
+    grad_accum: int | None = None  # micro-batches per optimizer step; null: the plan's
+    seq_len: int | None = None  # null: plan.seq_len
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    warmup_steps: int | None = None  # null: 2% of the steps (at least 1)
+    weight_decay: float = 0.1  # not applied to norms and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max gradient norm; null: no clipping
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool | None = None  # null: the plan's choice
+    val_every: int = 200  # optimizer steps between validations
+    val_batches: int | None = 50  # micro-batches per validation; null: the whole val split
+    ckpt_every: int = 200  # optimizer steps between checkpoints
+    log_every: int = 10  # optimizer steps between logged metrics
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model.safetensors
+    sample_prompt: str = "The"  # `make pretrain` ends by continuing this prompt
+    sample_tokens: int = 48
+
+
