@@ -27,8 +27,8 @@ from domainlm.recipe import TrainConfig
 from domainlm.tokenizer.arrays import TokenArrays
 from domainlm.train import optim
 from domainlm.train.data import PretrainData, StepSampler, TokenWindows
+from domainlm.train.loop import build_trainer
 from domainlm.train.module import PretrainModule
-from domainlm.train.pretrain import build_trainer
 from domainlm.train.settings import RunSettings
 
 WORK = Path("build/bench/pretrain")

@@ -155,3 +155,28 @@ def tiny_run(
     train_tokenizer(recipe, progress=False)
     encode_tokens(recipe, progress=False)
     return path
+
+
+def sentencepiece_model(folder: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A tiny tokenizer.model trained with the tokenizer stage's options on English-like lines,
+    for tests that need a real one (e.g. to export a Hugging Face folder); about a second."""
+    import io
+
+    import sentencepiece as spm
+
+    from domainlm.recipe import TokenizerConfig
+    from domainlm.tokenizer.train import trainer_options
+
+    rng = random.Random(seed)
+    lines = [line for _ in range(40) for line in document(rng, 80).split("\n") if line]
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=writer,
+        **trainer_options(TokenizerConfig(), vocab_size, threads=1),
+    )
+    path = Path(folder) / "tokenizer.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(writer.getvalue())
+    return path

@@ -110,6 +110,12 @@ def test_every_corpus_field_is_documented():
         ("TokenizerConfig", "docs/tokenizer.md"),
         ("PlanConfig", "docs/plan.md"),
         ("TrainConfig", "docs/pretrain.md"),
+        ("FinetuneConfig", "docs/finetune.md"),
+        ("LoRAConfig", "docs/finetune.md"),
+        ("AdapterConfig", "docs/finetune.md"),
+        ("PromptTuningConfig", "docs/finetune.md"),
+        ("SelectiveConfig", "docs/finetune.md"),
+        ("InstructionSource", "docs/finetune.md"),
     ],
 )
 def test_every_stage_field_is_documented(section: str, page: str) -> None:

@@ -48,8 +48,9 @@ class ThroughputBar(L.Callback):
         if (batch_idx + 1) % accum:
             return
         self._steps += 1
-        # global_step has counted this step already: measure on the steps the loss is logged.
-        if (trainer.global_step - 1) % self.every or self.throughput is None:
+        # global_step has counted this step already: step s is measured (and logged, with the
+        # loss) when (s + 1) % every == 0.
+        if trainer.global_step % self.every or self.throughput is None:
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()

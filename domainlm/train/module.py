@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from domainlm.model.config import LlamaConfig
@@ -16,7 +17,8 @@ from domainlm.train import optim
 
 
 class PretrainModule(L.LightningModule):
-    """Our Llama decoder with AdamW and a warmup + cosine (or WSD) schedule.
+    """Our Llama decoder with AdamW and a warmup + cosine (or WSD) schedule; pretraining and
+    fine-tuning both train with it (fine-tuning's targets mask the prompt with -100).
 
     Logged: train/loss (mean over the step's micro-batches, this rank; all ranks' mean when
     distributed), train/lr, val/loss, val/ppl and val/bpb (bits per byte: nats per token over
@@ -34,6 +36,7 @@ class PretrainModule(L.LightningModule):
         micro_batch: int,
         val_bytes_per_token: float | None = None,
         fused_optimizer: bool = True,
+        model: nn.Module | None = None,
     ) -> None:
         super().__init__()
         # Plain data only, so checkpoints load with torch.load(weights_only=True).
@@ -53,8 +56,11 @@ class PretrainModule(L.LightningModule):
         self.grad_accum = grad_accum
         self.val_bytes_per_token = val_bytes_per_token
         self.fused_optimizer = fused_optimizer
-        self.model = Llama(config)
-        self.model.gradient_checkpointing = bool(train.activation_checkpointing)
+        # Fine-tuning passes a prepared model (a base with LoRA, adapters, a prompt, or some
+        # weights frozen); it has Llama's forward(idx, targets) -> (logits, loss) contract.
+        self.model = model if model is not None else Llama(config)
+        if hasattr(self.model, "gradient_checkpointing"):
+            self.model.gradient_checkpointing = bool(train.activation_checkpointing)
         # For Lightning's throughput utilities: the PaLM count, per micro-batch on one device.
         self.flops_per_batch = config.flops_per_token(seq_len) * micro_batch * seq_len
         self._step_loss: torch.Tensor | None = None
@@ -74,8 +80,10 @@ class PretrainModule(L.LightningModule):
         part = loss.detach() / self.grad_accum
         self._step_loss = part if self._step_loss is None else self._step_loss + part
         if (batch_idx + 1) % self.grad_accum == 0:
+            # Lightning writes the logs of step s (0-based) when (s + 1) % log_every_n_steps
+            # == 0; log exactly then, so nothing is computed (or synced) that is not written.
             step = self.global_step  # the optimizer step this micro-batch completes
-            if step % self.train_cfg.log_every == 0 or step == self.total_steps - 1:
+            if (step + 1) % self.train_cfg.log_every == 0:
                 self._log_step(self._step_loss)
             self._step_loss = None
         return loss
@@ -100,7 +108,8 @@ class PretrainModule(L.LightningModule):
         _, loss = self.model(x, y)
         # Sum of token losses and the token count, reduced over ranks at the end: the exact
         # mean over every validation token, whatever the batch sizes.
-        self._val_sum += torch.stack([loss.double() * y.numel(), y.new_tensor(y.numel()).double()])
+        counted = (y != -100).sum().double()  # fine-tuning masks prompts and padding
+        self._val_sum += torch.stack([loss.double() * counted, counted])
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")

@@ -1,0 +1,1 @@
+"""Instruction tuning data: instruction files, prompt templates, the demo set, SFT batches."""

@@ -1,0 +1,151 @@
+"""The Lightning machinery every training stage shares: the Trainer (loggers, checkpoints,
+throughput, clean stop), checkpoint folders that know which run they belong to, and a CSV log
+that survives resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import shutil
+from pathlib import Path
+
+from domainlm.files import atomic_path, read_json, write_json
+from domainlm.recipe import TrainConfig
+from domainlm.train.settings import RunSettings
+
+
+def checkpoint_dir(out: Path, run_fp: str, force: bool, say) -> tuple[Path, Path | None]:
+    """The checkpoint folder, emptied when it belongs to another run; the checkpoint to resume."""
+    ckpt_dir = out / "checkpoints"
+    run_file = ckpt_dir / "run.json"
+    if ckpt_dir.exists():
+        old = read_json(run_file).get("fingerprint") if run_file.exists() else None
+        if force or old != run_fp:
+            why = "--force" if force else "the recipe, plan or data changed"
+            say(f"pretrain: starting afresh ({why}); removing {ckpt_dir}/")
+            shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, {"fingerprint": run_fp})
+    last = ckpt_dir / "last.ckpt"
+    return ckpt_dir, (last if last.exists() else None)
+
+
+@contextlib.contextmanager
+def kept_csv_log(path: Path):
+    """Keep the CSV log of the steps before a resume (Lightning's CSVLogger starts a new file).
+
+    The earlier rows of steps the resumed run does again (those after its checkpoint) are
+    dropped, so the file is the trajectory of the weights that were kept.
+    """
+    old = path.with_name(path.name + ".before-resume")
+    if path.exists():
+        os.replace(path, old)
+    try:
+        yield
+    finally:
+        if old.exists():
+            merge_csv(old, path)
+            old.unlink()
+
+
+def merge_csv(old: Path, new: Path) -> None:
+    with open(old, newline="") as f:
+        before = list(csv.DictReader(f))
+    after: list[dict] = []
+    if new.exists():
+        with open(new, newline="") as f:
+            after = list(csv.DictReader(f))
+    first = min((int(r["step"]) for r in after if r.get("step")), default=None)
+    rows = [r for r in before if first is None or int(r.get("step") or 0) < first] + after
+    keys = sorted({k for r in rows for k in r})
+    with atomic_path(new) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_trainer(
+    s: RunSettings,
+    t: TrainConfig,
+    out: Path,
+    module,
+    *,
+    has_val: bool,
+    progress: bool,
+    extra_callbacks: tuple = (),
+):
+    """The Lightning Trainer of a run (also what `make bench` times): (trainer, the
+    throughput callback, the clean-stop callback). Checkpoints go to out/checkpoints/, logs
+    to out/logs/."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from domainlm.train.callbacks import GracefulStop, ThroughputBar
+
+    ckpt_dir = out / "checkpoints"
+    stop = GracefulStop(ckpt_dir / "last.ckpt", check_every=t.log_every)
+    throughput = ThroughputBar(
+        t.log_every,
+        tokens_per_step=s.micro_batch * s.grad_accum * s.seq_len,
+        flops_per_step=module.flops_per_batch * s.grad_accum,
+    )
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step-{step:06d}",
+            every_n_train_steps=t.ckpt_every,
+            save_top_k=1,
+            save_last=True,
+        ),
+        throughput,
+        stop,
+    ]
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=t.log_every))
+    callbacks += list(extra_callbacks)
+    logs = out / "logs"
+    trainer = L.Trainer(
+        accelerator=s.accelerator,
+        devices=s.devices,
+        num_nodes=s.num_nodes,
+        strategy=_strategy(s),
+        precision=s.precision,
+        max_steps=s.total_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=s.grad_accum,
+        gradient_clip_val=t.grad_clip,
+        val_check_interval=min(t.val_every, s.total_steps) * s.grad_accum if has_val else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        # The module logs (and syncs) only on the steps the loggers write.
+        log_every_n_steps=t.log_every,
+        logger=[
+            CSVLogger(logs, name="", version=""),
+            TensorBoardLogger(logs, name="tensorboard", version="", default_hp_metric=False),
+        ],
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+        default_root_dir=out,
+    )
+    return trainer, throughput, stop
+
+
+def _strategy(s: RunSettings):
+    """The Lightning strategy object (or name) for the resolved settings."""
+    if s.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from domainlm.model.llama import Block
+
+        # Shard block by block; a full state dict in one file, so export and resume read it.
+        return FSDPStrategy(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy={Block} if s.checkpointing else None,
+            state_dict_type="full",
+        )
+    return s.strategy

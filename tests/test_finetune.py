@@ -1,0 +1,178 @@
+"""`make finetune` end to end on a tiny pretrained model: the data counts and quarantine,
+every method's outputs, the comparison report, the chat template in the exported folders,
+and an improvement over the prompted base model on held-out instructions."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from builders import grammar_corpus, tiny_run
+from click.testing import CliRunner
+
+from domainlm.cli import main
+from domainlm.files import read_json
+from domainlm.recipe import load_recipe
+
+NOUNS = "report ledger audit meeting quarter market bond client invoice merger loan fund".split()
+GOOD = "good great strong solid excellent healthy positive fine stable superb".split()
+BAD = "bad weak poor awful negative shaky terrible dismal grim dreadful".split()
+
+
+def instruction_file(path: Path) -> Path:
+    """Alpaca records of a learnable task (the label follows from the adjective, which held-out
+    sentences combine with other nouns), plus two bad lines to quarantine."""
+    rng = random.Random(0)
+    lines = []
+    for noun in NOUNS:
+        for adj in GOOD + BAD:
+            label = "positive" if adj in GOOD else "negative"
+            text = f"Sentiment: {noun} was {adj}."
+            lines.append(json.dumps({"instruction": text, "output": label}))
+    rng.shuffle(lines)
+    lines.insert(5, "{not json")
+    lines.insert(9, json.dumps({"instruction": "no output here"}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    data = instruction_file(root / "sentiment.jsonl")
+    recipe_path = tiny_run(
+        root,
+        vocab_size=320,
+        corpus=grammar_corpus(),
+        model={
+            "from_plan": False,
+            "n_layers": 2,
+            "d_model": 64,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "ffn_dim": 128,
+            "max_seq_len": 96,
+        },
+        train={
+            "seq_len": 32,
+            "micro_batch": 8,
+            "grad_accum": 1,
+            "tokens": 8 * 32 * 60,
+            "lr": 1e-2,
+            "val_every": 30,
+            "ckpt_every": 30,
+            "log_every": 10,
+            "sample_tokens": 4,
+        },
+        finetune={
+            "data": [{"name": "sentiment", "path": str(data)}],
+            "template": "chat",
+            "methods": ["full", "lora", "adapter", "prompt", "selective"],
+            "full": {"lr": 3e-3},
+            "lora": {
+                "r": 8,
+                "alpha": 16,
+                "lr": 1e-2,
+                "target_modules": [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ],
+            },
+            "prompt": {"virtual_tokens": 4, "lr": 3e-2},
+            "epochs": 8,
+            "micro_batch": 16,
+            "max_seq_len": 80,
+            "heldout_fraction": 0.15,
+            "eval_examples": 24,
+            "max_new_tokens": 10,
+        },
+    )
+    runner = CliRunner()
+    for args in (["pretrain"], ["finetune"]):
+        result = runner.invoke(
+            main, [*args, "--recipe", str(recipe_path), "--no-progress"], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+    recipe = load_recipe(recipe_path)
+    return recipe, result.output
+
+
+def test_counts_and_quarantine(finetuned):
+    recipe, _ = finetuned
+    m = read_json(recipe.stage_dir("sft") / "manifest.json")
+    c = m["counts"]["sentiment"]
+    assert c["train"] + c["heldout"] == len(NOUNS) * (len(GOOD) + len(BAD))
+    assert m["counts"]["quarantined"] == 2
+    rejected = (recipe.stage_dir("sft") / "rejected.jsonl").read_text().splitlines()
+    origins = sorted(json.loads(r)["origin"] for r in rejected)
+    assert [o.rsplit(":", 1)[1] for o in origins] == ["10", "6"]  # 1-based lines, as sorted
+
+
+def test_every_method_prints_counts_and_saves_its_format(finetuned):
+    recipe, output = finetuned
+    sft = recipe.stage_dir("sft")
+    for method in ("full", "lora", "adapter", "prompt", "selective"):
+        assert f"finetune: {method}: " in output and "trainable of" in output
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (sft / "lora" / "model").iterdir()
+    }
+    for folder in (sft / "full" / "model", sft / "selective" / "model", sft / "lora-merged"):
+        cfg = read_json(folder / "tokenizer_config.json")
+        assert "<|assistant|>" in cfg["chat_template"]
+        assert (folder / "model.safetensors").exists()
+    m = read_json(sft / "manifest.json")["methods"]
+    assert m["lora"]["trainable"] < m["selective"]["trainable"] < m["full"]["trainable"]
+    assert m["prompt"]["trainable"] == 4 * 64
+
+
+def test_fine_tuning_beats_the_prompted_base_model(finetuned):
+    recipe, _ = finetuned
+    m = read_json(recipe.stage_dir("sft") / "manifest.json")
+    base = m["base"]["rougeL"]
+    assert m["methods"]["full"]["rougeL"] > base + 0.2
+    assert m["methods"]["lora"]["rougeL"] > base
+    report = (recipe.stage_dir("sft") / "report.md").read_text()
+    for name in ("base (prompted)", "full", "lora", "adapter", "prompt", "selective"):
+        assert f"| {name} |" in report
+
+
+def test_merged_lora_folder_equals_base_plus_adapter(finetuned):
+    import torch
+
+    from domainlm.export.hf import load_hf_folder
+    from domainlm.model.peft.methods import load
+
+    recipe, _ = finetuned
+    sft = recipe.stage_dir("sft")
+    base = load_hf_folder(recipe.stage_dir("pretrain") / "model")
+    with_adapter = load(base, "lora", sft / "lora" / "model").eval()
+    merged = load_hf_folder(sft / "lora-merged").eval()
+    idx = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (with_adapter(idx)[0] - merged(idx)[0]).abs().max() <= 1e-4
+
+
+def test_a_second_run_is_up_to_date(finetuned):
+    recipe, _ = finetuned
+    result = CliRunner().invoke(main, ["finetune", "--recipe", str(recipe.path)])
+    assert result.exit_code == 0 and "up to date" in result.output
+
+
+def test_finetune_without_pretraining_names_the_command(tmp_path):
+    path = tmp_path / "r.yaml"
+    recipe = {
+        "name": "x",
+        "build_dir": str(tmp_path / "build"),
+        "corpus": {"sources": [{"name": "s", "path": str(tmp_path)}]},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["finetune", "--recipe", str(path)])
+    assert result.exit_code == 2 and "make pretrain" in result.output

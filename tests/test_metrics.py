@@ -1,0 +1,45 @@
+"""Generation metrics equal the reference package's numbers, and exact match normalizes."""
+
+from __future__ import annotations
+
+import pytest
+from rouge_score import rouge_scorer
+
+from domainlm.eval.metrics import exact_match, normalize, rouge
+
+PAIRS = [
+    ("the cat sat on the mat", "the cat lay on the mat"),
+    ("Return the absolute value of x.", "Return absolute values."),
+    ("os.path", "os.path"),
+    ("a completely different sentence", "nothing in common here"),
+]
+
+
+def test_rouge_equals_rouge_score_pair_by_pair_mean():
+    refs, preds = zip(*PAIRS, strict=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = {t: 0.0 for t in ("rouge1", "rouge2", "rougeL")}
+    for r, p in PAIRS:
+        s = scorer.score(r, p)
+        for t in expected:
+            expected[t] += s[t].fmeasure / len(PAIRS)
+    got = rouge(list(refs), list(preds))
+    for t in expected:
+        assert got[t] == pytest.approx(expected[t], abs=1e-12)
+
+
+def test_rouge_l_by_hand():
+    # LCS of "the cat sat on the mat" / "the cat lay on the mat" is 5 of 6 words each way.
+    assert rouge(["the cat sat on the mat"], ["the cat lay on the mat"])["rougeL"] == (
+        pytest.approx(5 / 6)
+    )
+    assert rouge(["abc"], ["xyz"])["rougeL"] == 0.0
+
+
+def test_exact_match_normalizes_case_space_and_surrounding_punctuation():
+    assert normalize("  `Os.Path`. ") == "os.path"
+    assert exact_match(["os.path", "json", "re"], ["`os.path`", "JSON.", "sre"]) == (
+        pytest.approx(2 / 3)
+    )
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
