@@ -17,7 +17,8 @@ DLM    := $(BIN)/domainlm
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup corpus tokenizer tokens plan pretrain finetune quantize eval bench test lint clean
+.PHONY: setup corpus tokenizer tokens plan pretrain finetune quantize eval bench test lint clean \
+        check-gguf
 
 setup: $(STAMP)
 
@@ -56,6 +57,15 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The GGUF export checked in llama.cpp itself: writes MODEL (a model folder) as an F16 GGUF
+# and compares llama.cpp's greedy continuation with ours, token for token. Not part of
+# `make test`: the first run pip-installs llama-cpp-python, which compiles llama.cpp from
+# source (5-15 minutes on a laptop; needs cmake and a C++ compiler).
+MODEL ?= build/demo/pretrain/model
+check-gguf: $(STAMP)
+	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || $(BIN)/pip install llama-cpp-python
+	$(BIN)/python scripts/check_gguf.py --model $(MODEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import corpus, pretrain, tokens
+from bench import corpus, generate, pretrain, tokens
 
-SECTIONS = {"corpus": corpus.main, "tokens": tokens.main, "pretrain": pretrain.main}
+SECTIONS = {
+    "corpus": corpus.main,
+    "tokens": tokens.main,
+    "pretrain": pretrain.main,
+    "generate": generate.main,
+}
 
 
 def main(argv: list[str]) -> None:

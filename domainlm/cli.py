@@ -233,15 +233,154 @@ def finetune(recipe: Path, force: bool, no_progress: bool) -> None:
     run(load_recipe(recipe), force=force, progress=not no_progress)
 
 
+@main.command("quantize")
+@recipe_option
+@click.option("--force", is_flag=True, help="Write every format again.")
+@_friendly
+def quantize(recipe: Path, force: bool) -> None:
+    """Export and quantize the models in export.models to every format in export.formats.
+
+    Formats: hf-bf16, hf-fp16 (Hugging Face folders for transformers and vLLM), int8 (per
+    output channel), int4 (group-wise; export.group_size), gguf-f16, gguf-bf16, gguf-q8_0,
+    gguf-q4_0 (llama.cpp). Each is measured: size on disk and validation perplexity against
+    the bf16 model. Writes build/<run>/export/<model>/<format> and report.md.
+    """
+    from domainlm.export.stage import quantize as run
+    from domainlm.recipe import load_recipe
+
+    run(load_recipe(recipe), force=force)
+
+
+# ----------------------------------------------------------------------------- generate, serve
+
+DEFAULT_MODELS = (Path("build/demo/sft/full/model"), Path("build/demo/pretrain/model"))
+
+model_option = click.option(
+    "--model",
+    "-m",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A Hugging Face model folder (config.json, model.safetensors, tokenizer.model). "
+    "Default: build/demo/sft/full/model if it exists, else build/demo/pretrain/model.",
+)
+
+
+def _model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    found = next((p for p in DEFAULT_MODELS if (p / "config.json").is_file()), None)
+    if found is None:
+        raise UserError(
+            f"no model at {' or '.join(map(str, DEFAULT_MODELS))}: run `make finetune` (or "
+            "`make pretrain`) first, or pass --model FOLDER"
+        )
+    return found
+
+
+@main.command("generate")
+@model_option
+@click.option(
+    "--adapter",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. "
+    "build/demo/sft/lora) to apply on top of --model.",
+)
+@click.option("--prompt", "-p", help="Text to continue as it is (no template).")
+@click.option(
+    "--chat",
+    "-c",
+    help="A user message: rendered with the model's chat template, the reply stops at its "
+    "end-of-turn string.",
+)
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True,
+              help="Most tokens to generate.")
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True,
+              help="0: greedy (deterministic); higher: more random sampling.")
+@click.option("--top-k", type=int, help="Sample only from the k most probable tokens.")
+@click.option("--top-p", type=float,
+              help="Sample only from the smallest set of tokens whose probability reaches p.")
+@click.option("--stop", multiple=True,
+              help="Stop when this text appears (not printed); repeat for several.")
+@click.option("--seed", type=int, help="Seed for sampling: the same seed gives the same text.")
+@click.option("--no-cache", is_flag=True,
+              help="Recompute every position instead of using the KV cache (slower; the same "
+              "greedy text; for checking).")
+@_friendly
+def generate(model: Path | None, adapter: Path | None, prompt: str | None, chat: str | None,
+             max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+             stop: tuple[str, ...], seed: int | None, no_cache: bool) -> None:
+    """Continue a prompt (--prompt) or answer a message (--chat), streaming the text to stdout.
+
+    A prompt too long for the model's context loses tokens from its start (a note says so on
+    stderr). The finish reason and token counts go to stderr.
+    """
+    from domainlm.serve.generate import Engine, SamplingParams
+
+    if (prompt is None) == (chat is None):
+        raise UserError("give exactly one of --prompt TEXT and --chat TEXT")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, stop=list(stop), seed=seed, use_cache=not no_cache)
+    adapters = {adapter.name: adapter} if adapter else {}
+    engine = Engine(_model_dir(model), adapters)
+    name = adapter.name if adapter else engine.name
+    text: str | list[dict] = prompt if prompt is not None else [{"role": "user", "content": chat}]
+    pieces = engine.stream(name, text, params)
+    if pieces.truncated:
+        click.echo(f"note: the prompt's first {pieces.truncated} tokens were dropped to fit the "
+                   f"model's context of {engine.context} tokens", err=True)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    click.echo(f"[{pieces.finish_reason}: {pieces.prompt_tokens} prompt tokens, "
+               f"{pieces.completion_tokens} generated]", err=True)
+
+
+@main.command("serve")
+@model_option
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A LoRA adapter folder served as model NAME on the same base; repeat for several.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--name", help="The base model's name in requests (default: its folder's name, "
+              "or the parent's when the folder is called model).")
+@_friendly
+def serve(model: Path | None, adapters: tuple[str, ...], host: str, port: int,
+          name: str | None) -> None:
+    """Serve the model and its adapters over an OpenAI-compatible HTTP API.
+
+    Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming
+    with "stream": true). Any OpenAI client works: base_url http://HOST:PORT/v1, any api_key,
+    model = the base's name or an adapter's NAME. Requests are answered one at a time; this is
+    a reference server, serve the exported folder with vLLM for production traffic.
+    """
+    from domainlm.serve.generate import Engine
+    from domainlm.serve.server import serve as run
+
+    named: dict[str, Path] = {}
+    for item in adapters:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise UserError(f"--adapter {item!r}: write NAME=PATH, e.g. lora=build/demo/sft/lora")
+        named[key] = Path(path)
+    run(Engine(_model_dir(model), named, name), host, port)
+
+
 # ----------------------------------------------------------------------------- later stages
 
 
 def _not_yet(stage: str, issue: str) -> None:
-    raise UserError(f"the `{stage}` stage is not built yet ({issue}); `make corpus` works today")
+    raise UserError(
+        f"the `{stage}` stage is not built yet ({issue}); the stages before it work today"
+    )
 
 
 for _stage, _issue in [
-    ("quantize", "issue 6"),
     ("eval", "issue 7"),
 ]:
 

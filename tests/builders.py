@@ -180,3 +180,30 @@ def sentencepiece_model(folder: Path, vocab_size: int = 320, seed: int = 0) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(writer.getvalue())
     return path
+
+
+TINY_VOCAB = 320  # sentencepiece_model's size, so a tiny_model can be exported with it
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A small_config Llama with the tiny tokenizer's vocabulary, in eval mode."""
+    import torch
+
+    from domainlm.model.llama import Llama
+
+    torch.manual_seed(seed)
+    return Llama(small_config(vocab_size=TINY_VOCAB, **overrides)).eval()
+
+
+def random_tokens(batch: int = 2, length: int = 12, seed: int = 1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_VOCAB, (batch, length), generator=g)
+
+
+def logits_of(module, idx):
+    import torch
+
+    with torch.no_grad():
+        return module(idx)[0]

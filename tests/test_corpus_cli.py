@@ -37,6 +37,6 @@ def test_demo_corpus_builds_then_does_nothing_on_rerun(tmp_path):
 
 
 def test_later_stages_say_which_issue_brings_them():
-    res = CliRunner().invoke(main, ["quantize", "--recipe", "recipes/demo.yaml"])
+    res = CliRunner().invoke(main, ["eval", "--recipe", "recipes/demo.yaml"])
     assert res.exit_code == 2
-    assert "issue 6" in res.output and "Traceback" not in res.output
+    assert "issue 7" in res.output and "Traceback" not in res.output

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import sentencepiece_model, small_config
+from builders import logits_of, random_tokens, sentencepiece_model, tiny_model
 from safetensors.torch import load_file
 
 from domainlm.errors import UserError
@@ -45,18 +45,7 @@ VOCAB = 320  # the size of builders.sentencepiece_model, so any model here can b
 D, KV, FFN, LAYERS = 64, 32, 96, 2
 
 
-def build(seed: int = 0, **overrides: object) -> Llama:
-    torch.manual_seed(seed)
-    return Llama(small_config(vocab_size=VOCAB, **overrides)).eval()
-
-
-def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return module(idx)[0]
+build, tokens, logits = tiny_model, random_tokens, logits_of
 
 
 def ft_config() -> FinetuneConfig:

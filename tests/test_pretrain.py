@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,12 +258,54 @@ def test_ddp_on_two_cpu_processes_equals_one_process(run_root):
         assert both[step] == pytest.approx(reference[step], rel=2e-5), step
 
 
+def test_gradient_accumulation_equals_the_larger_micro_batch(run_root):
+    """2 micro-batches of 2 per step give the losses of 1 micro-batch of 4 (same samples)."""
+    reference = _single_process(run_root)
+    recipe = load_recipe(
+        recipe_copy(
+            run_root,
+            "accum",
+            micro_batch=2,
+            grad_accum=2,
+            tokens=4 * 32 * 12,
+            precision="32-true",
+            ckpt_every=5,
+        )
+    )
+    pretrain(recipe, progress=False)
+    accumulated = losses(recipe.run_dir)
+    assert sorted(accumulated) == list(range(12))
+    for step in range(12):
+        assert accumulated[step] == pytest.approx(reference[step], rel=2e-5), step
+    # The end of the run is checkpointed even when it is not a multiple of ckpt_every.
+    last = torch.load(recipe.stage_dir("pretrain") / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 12
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="torch.compile on a CPU needs a C compiler")
+def test_compiled_model_trains_like_the_eager_one(run_root):
+    reference = _single_process(run_root)
+    recipe = load_recipe(
+        recipe_copy(run_root, "compiled", tokens=4 * 32 * 12, precision="32-true", compile=True)
+    )
+    pretrain(recipe, progress=False)
+    compiled = losses(recipe.run_dir)
+    for step in range(12):
+        assert compiled[step] == pytest.approx(reference[step], rel=1e-4), step
+
+
+_SINGLE: dict[Path, dict[int, float]] = {}
+
+
 def _single_process(run_root: Path) -> dict[int, float]:
+    if run_root in _SINGLE:
+        return _SINGLE[run_root]
     recipe = load_recipe(
         recipe_copy(run_root, "single", tokens=4 * 32 * 12, precision="32-true")
     )
     pretrain(recipe, progress=False)
-    return losses(recipe.run_dir)
+    _SINGLE[run_root] = losses(recipe.run_dir)
+    return _SINGLE[run_root]
 
 
 # ----------------------------------------------------------------------------- units

@@ -116,6 +116,8 @@ def test_every_corpus_field_is_documented():
         ("PromptTuningConfig", "docs/finetune.md"),
         ("SelectiveConfig", "docs/finetune.md"),
         ("InstructionSource", "docs/finetune.md"),
+        ("QLoRAConfig", "docs/finetune.md"),
+        ("ExportConfig", "docs/quantize.md"),
     ],
 )
 def test_every_stage_field_is_documented(section: str, page: str) -> None:

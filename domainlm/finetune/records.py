@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domainlm.corpus import readers
+from domainlm.corpus import jsonlines
+from domainlm.corpus.jsonlines import ShardError, json_objects, json_type
 from domainlm.corpus.mix import unit_hash
+from domainlm.corpus.readers import shard_format
 from domainlm.corpus.records import QUARANTINE, Rejected, clip
 from domainlm.errors import UserError
 from domainlm.files import canonical_json
@@ -20,11 +18,11 @@ from domainlm.files import canonical_json
 ROLES = ("system", "user", "assistant")
 
 # Line-level reasons shared with the corpus reader, so both stages' rejected files read alike.
-INVALID_UTF8 = readers.INVALID_UTF8
-INVALID_JSON = readers.INVALID_JSON
-NOT_AN_OBJECT = readers.NOT_AN_OBJECT
-TOO_LONG = readers.TOO_LONG
-TRUNCATED = readers.TRUNCATED
+INVALID_UTF8 = jsonlines.INVALID_UTF8
+INVALID_JSON = jsonlines.INVALID_JSON
+NOT_AN_OBJECT = jsonlines.NOT_AN_OBJECT
+TOO_LONG = jsonlines.TOO_LONG
+TRUNCATED = jsonlines.TRUNCATED
 # Record-level reasons of instruction data; the detail names the field.
 MISSING_FIELD = f"{QUARANTINE}:missing_field"
 EMPTY_FIELD = f"{QUARANTINE}:empty_field"
@@ -85,7 +83,7 @@ def read_instructions(
     usage = f"one JSON object per line, in one of these shapes: {_SHAPES}"
     if not path.exists():
         raise UserError(f"{key}: {rel} does not exist; give the path of a JSONL file with {usage}")
-    if path.is_dir() or readers.shard_format(path) not in _SUFFIXES:
+    if path.is_dir() or shard_format(path) not in _SUFFIXES:
         raise UserError(
             f"{key}: {rel} is not a .jsonl, .jsonl.gz or .jsonl.zst file; write {usage} "
             "(a JSON array converts with `jq -c '.[]' in.json > out.jsonl`)"
@@ -93,7 +91,9 @@ def read_instructions(
     examples: list[Example] = []
     seen = 0
     try:
-        for item in _json_lines(path, rel, max_record_bytes):
+        # The corpus reader's lines: sniffing, BOM, gzip/zstd, cut files, over-long lines, the
+        # same reasons and fixes (this stage's details name no byte values).
+        for item in json_objects(path, rel, max_record_bytes, name_byte=False):
             seen += 1
             if isinstance(item, Rejected):
                 quarantine.append(_entry(task, item.origin, item.reason, item.detail, item.text))
@@ -102,8 +102,9 @@ def read_instructions(
             try:
                 examples.append(Example(task, to_messages(obj), origin))
             except BadRecord as e:
-                quarantine.append(_entry(task, origin, e.reason, e.detail, clip(text)))
-    except readers.ShardError as e:
+                line = clip(text.rstrip("\r\n"))
+                quarantine.append(_entry(task, origin, e.reason, e.detail, line))
+    except ShardError as e:
         raise UserError(f"{key}: {e}") from None
     if seen == 0:
         raise UserError(f"{key}: {rel} is empty; write {usage}, or remove it from the recipe")
@@ -135,77 +136,6 @@ def _entry(task: str, origin: str, reason: str, detail: str, text: str | None) -
 
 
 # --------------------------------------------------------------------------------------------
-# Lines. The corpus reader's own loop turns each object into a corpus Doc (a `text` field);
-# this is the same loop over the same helpers (sniffing, BOM, gzip/zstd, cut files, over-long
-# lines, the same reasons and fixes), handing back the parsed object instead.
-
-
-def _json_lines(path: Path, rel: str, limit: int) -> Iterator[tuple[str, str, Any] | Rejected]:
-    fmt = readers.shard_format(path)
-    raw = readers._open(path, rel)
-    try:
-        if fmt == "jsonl.gz":
-            stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif fmt == "jsonl.zst":
-            stream = readers._ZstdFrames(io.BufferedReader(raw, 1 << 16))
-        else:
-            stream = raw
-    except BaseException:
-        raw.close()
-        raise
-    read = stream.read1 if fmt == "jsonl.gz" else stream.read
-    with stream, raw:
-        head, error = readers._read_head(read, fmt, rel)
-        readers._sniff(head, rel)
-        if head.startswith(readers._UTF8_BOM):
-            head = head[len(readers._UTF8_BOM) :]
-        lines = io.BufferedReader(readers._Prefixed(head, read, error), readers._BUFFER_BYTES)
-        yield from _objects(lines, rel, limit)
-
-
-def _objects(lines: io.BufferedReader, rel: str, limit: int) -> Iterator[Any]:
-    cap, n, source = limit + 1, 0, ""
-    while True:
-        try:
-            line = lines.readline(cap)
-        except readers._STREAM_ERRORS as e:
-            yield readers._truncated(rel, n, source, e, "line")
-            return
-        if not line:
-            return
-        n += 1
-        origin = f"{rel}:{n}"
-        if len(line) == cap and line[-1] != 0x0A:
-            try:
-                rest, ended = readers._skip_line(lines)
-            except readers._STREAM_ERRORS as e:
-                yield readers._too_long(origin, source, line, None, limit, "line")
-                yield readers._truncated(rel, n, source, e, "line")
-                return
-            yield readers._too_long(origin, source, line, len(line) + rest - ended, limit, "line")
-            continue
-        if line.isspace():
-            continue  # blank lines are not records, as in the corpus
-        try:
-            text = line.decode()
-        except UnicodeDecodeError as e:
-            detail = f"byte {e.start} of the line is not valid UTF-8; {readers._ICONV_FIX}"
-            yield Rejected(origin, source, INVALID_UTF8, detail, text=readers._raw(line))
-            continue
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError):
-            detail = readers._json_error(text)
-            yield Rejected(origin, source, INVALID_JSON, detail, text=clip(text.rstrip("\r\n")))
-            continue
-        if type(obj) is not dict:
-            detail = f"each line must be one JSON object, got {readers._json_type(obj)}"
-            yield Rejected(origin, source, NOT_AN_OBJECT, detail, text=clip(text.rstrip("\r\n")))
-            continue
-        yield origin, text.rstrip("\r\n"), obj
-
-
-# --------------------------------------------------------------------------------------------
 # Records.
 
 
@@ -221,7 +151,7 @@ def to_messages(rec: dict) -> list[dict]:
         extra = rec.get("input")
         if extra is not None:
             if type(extra) is not str:
-                got = readers._json_type(extra)
+                got = json_type(extra)
                 raise BadRecord(NOT_STRING, f"`input` must be a string, got {got}")
             _check_unicode(extra, "input")
             if extra.strip():
@@ -247,7 +177,7 @@ def _text(rec: dict, name: str, where: str = "", hint: tuple[str, ...] = ()) -> 
             detail += f"; if {alt!r} holds it, rename it to {name!r}"
         raise BadRecord(MISSING_FIELD, detail)
     if type(value) is not str:
-        raise BadRecord(NOT_STRING, f"`{field}` must be a string, got {readers._json_type(value)}")
+        raise BadRecord(NOT_STRING, f"`{field}` must be a string, got {json_type(value)}")
     if not value.strip():
         raise BadRecord(EMPTY_FIELD, f"`{field}` is empty or only whitespace")
     _check_unicode(value, field)
@@ -270,13 +200,13 @@ def _chat(
     turns: Any, field: str, role_key: str, content_key: str, aliases: dict[str, str] | None
 ) -> list[dict]:
     if type(turns) is not list:
-        got = readers._json_type(turns)
+        got = json_type(turns)
         raise BadRecord(BAD_FIELD, f"`{field}` must be a list of messages, got {got}")
     out = []
     for i, m in enumerate(turns):
         where = f"{field}[{i}]"
         if type(m) is not dict:
-            got = readers._json_type(m)
+            got = json_type(m)
             expected = f"an object {{{role_key}, {content_key}}}"
             raise BadRecord(BAD_FIELD, f"`{where}` must be {expected}, got {got}")
         role = m.get(role_key)

@@ -16,16 +16,24 @@ from domainlm.recipe.finetune import (
     InstructionSource,
     LoRAConfig,
     PromptTuningConfig,
+    QLoRAConfig,
     SelectiveConfig,
 )
 from domainlm.recipe.loader import Recipe, RecipeError, load_recipe, merged, section_dict
-from domainlm.recipe.stages import ModelConfig, PlanConfig, TokenizerConfig, TrainConfig
+from domainlm.recipe.stages import (
+    ExportConfig,
+    ModelConfig,
+    PlanConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "AdapterConfig",
     "CorpusConfig",
     "DecontamConfig",
     "DedupConfig",
+    "ExportConfig",
     "FinetuneConfig",
     "FullConfig",
     "InstructionSource",
@@ -34,6 +42,7 @@ __all__ = [
     "PIIConfig",
     "PlanConfig",
     "PromptTuningConfig",
+    "QLoRAConfig",
     "QualityFilters",
     "Recipe",
     "RecipeError",

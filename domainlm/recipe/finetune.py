@@ -47,6 +47,15 @@ class SelectiveConfig:
 
 
 @dataclass
+class QLoRAConfig:
+    """LoRA over a frozen base quantized to 4 bits (Dettmers et al. 2023); the LoRA settings
+    (rank, alpha, targets) are finetune.lora's."""
+
+    group_size: int = 64  # int4 quantization group along each weight row
+    lr: float = 1e-3
+
+
+@dataclass
 class FullConfig:
     lr: float = 1e-4
 
@@ -59,11 +68,12 @@ class FinetuneConfig:
         default_factory=lambda: [InstructionSource(name="python-docs", kind="python-docs")]
     )
     template: str = "chat"  # built-in: chat, alpaca, plain; or a path to a Jinja template file
-    methods: list[Literal["full", "lora", "adapter", "prompt", "selective"]] = field(
+    methods: list[Literal["full", "lora", "qlora", "adapter", "prompt", "selective"]] = field(
         default_factory=lambda: ["full", "lora"]
     )
     full: FullConfig = field(default_factory=FullConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    qlora: QLoRAConfig = field(default_factory=QLoRAConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     prompt: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     selective: SelectiveConfig = field(default_factory=SelectiveConfig)

@@ -21,7 +21,13 @@ from domainlm.recipe.corpus import (
     SourceConfig,
 )
 from domainlm.recipe.finetune import FinetuneConfig
-from domainlm.recipe.stages import ModelConfig, PlanConfig, TokenizerConfig, TrainConfig
+from domainlm.recipe.stages import (
+    ExportConfig,
+    ModelConfig,
+    PlanConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 
 class RecipeError(UserError):
@@ -39,6 +45,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})

@@ -98,3 +98,20 @@ class TrainConfig:
     sample_tokens: int = 48
 
 
+
+
+@dataclass
+class ExportConfig:
+    """Quantization and export (`make quantize`)."""
+
+    # Which models: base (pretrain/model), and from sft/: full, selective, lora-merged.
+    models: list[str] = field(default_factory=lambda: ["base"])
+    formats: list[
+        Literal[
+            "hf-bf16", "hf-fp16", "int8", "int4", "gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q4_0"
+        ]
+    ] = field(
+        default_factory=lambda: ["hf-bf16", "int8", "int4", "gguf-f16", "gguf-q8_0", "gguf-q4_0"]
+    )
+    group_size: int = 64  # int4: weights quantized in groups of this many along each row
+    eval_tokens: int | None = 65536  # validation tokens for the perplexity comparison; null: all

@@ -120,9 +120,11 @@ def pretrain(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
             f"{s.total_steps}, checkpoint {last_ckpt}: run `make pretrain` again to continue"
         )
     sharded = s.strategy == "fsdp" or s.strategy.startswith("deepspeed")
+    # A checkpoint of the last step too (the periodic ones need not fall on it), so a later
+    # stage or a longer run can start from the end. Under FSDP/DeepSpeed every rank writes its
+    # part of it, and rank 0 assembles the full model from it.
+    trainer.save_checkpoint(last_ckpt)
     if sharded:
-        # The weights are spread over the ranks: every rank writes its part of one checkpoint,
-        # from which rank 0 assembles the full model.
         trainer.save_checkpoint(ckpt_dir / "final.ckpt")
     if trainer.global_rank != 0:
         return {}

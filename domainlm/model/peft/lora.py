@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from domainlm.errors import UserError
+from domainlm.export.quantize import QuantLinear
 from domainlm.files import atomic_dir, write_json
 from domainlm.model.llama import Llama
 from domainlm.model.peft.files import read_adapter_folder, save_tensors
@@ -51,12 +52,13 @@ _UNSUPPORTED = {
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus named low-rank adapters, of which at most one is active."""
+    """A frozen nn.Linear (or QuantLinear: QLoRA) plus named low-rank adapters, at most one
+    of them active."""
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, base_layer: nn.Linear | QuantLinear) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.base_layer.weight.requires_grad_(False)
+        self.base_layer.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -71,7 +73,8 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
-        w = self.base_layer.weight
+        base = self.base_layer  # the adapter takes its weight's device and dtype: for a
+        w = base.scales if isinstance(base, QuantLinear) else base.weight  # QuantLinear, fp32
         a = nn.Linear(self.base_layer.in_features, r, bias=False)
         b = nn.Linear(r, self.base_layer.out_features, bias=False)
         # PEFT's default init: A kaiming-uniform, B zero, so the update starts at exactly 0.
@@ -160,6 +163,8 @@ def merged(model: Llama, name: str) -> Llama:
     """A plain Llama (a deep copy) whose targeted weights are W + s·B·A: no LoRA modules left."""
     if not any(name in m.lora_A for m in lora_layers(model).values()):
         raise ValueError(f"the model has no LoRA adapter named {name!r}")
+    if any(isinstance(m.base_layer, QuantLinear) for m in lora_layers(model).values()):
+        raise ValueError("a quantized base cannot merge: load_lora on the float one, merge that")
     out = copy.deepcopy(model)
     for module_name, layer in lora_layers(out).items():
         parent_name, _, leaf = module_name.rpartition(".")

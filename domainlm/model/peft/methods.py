@@ -21,7 +21,7 @@ from domainlm.model.peft.prompt import PromptTuned, load_prompt, save_prompt
 from domainlm.model.peft.selective import select
 from domainlm.recipe.finetune import FinetuneConfig
 
-METHODS = ("full", "lora", "adapter", "prompt", "selective")
+METHODS = ("full", "lora", "qlora", "adapter", "prompt", "selective")
 ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
 
 
@@ -63,6 +63,10 @@ def prepare(base: Llama, method: str, ft: FinetuneConfig) -> tuple[nn.Module, Me
     requires_grad False; an optimizer should take only those that have it True.
     """
     _check_method(method)
+    if method == "qlora":
+        from domainlm.model.peft.qlora import prepare_qlora  # it builds on this module
+
+        return prepare_qlora(base, ft)  # quantizes a copy: `base` stays as it was
     model = copy.deepcopy(base)
     module: nn.Module = model
     if method == "full":
@@ -92,14 +96,15 @@ def save(
 ) -> Path:
     """Save what `method` trained into out_dir (replaced whole).
 
-    full, selective: a complete Hugging Face folder; lora: a PEFT LoRA folder; prompt: a PEFT
-    PROMPT_TUNING folder; adapter: our bottleneck folder. base_model (the base's HF folder or
-    hub id) is recorded in the adapter configs as base_model_name_or_path.
+    full, selective: a complete Hugging Face folder; lora and qlora: a PEFT LoRA folder (qlora's
+    holds the adapter alone, which works on the float base too); prompt: a PEFT PROMPT_TUNING
+    folder; adapter: our bottleneck folder. base_model (the base's HF folder or hub id) is
+    recorded in the adapter configs as base_model_name_or_path.
     """
     _check_method(method)
     if method in ("full", "selective"):
         return save_hf_folder(module, Path(tokenizer_model), Path(out_dir))  # type: ignore[arg-type]
-    if method == "lora":
+    if method in ("lora", "qlora"):
         return save_lora(module, ADAPTER_NAME, Path(out_dir), ft.lora, base_model)
     if method == "adapter":
         return save_adapters(module, Path(out_dir), ft.adapter)
@@ -111,14 +116,16 @@ def save(
 def load(base: Llama, method: str, path: Path) -> nn.Module:
     """The module `save` wrote for `method`, on `base` (left untouched), in eval mode.
 
-    full and selective folders are whole models: `base` is not used.
+    full and selective folders are whole models: `base` is not used. qlora's adapter is loaded
+    on the float `base`, which it fits within int4 error (for the exact training-time logits,
+    load_lora it onto quantize_model(base, 4, group_size) instead).
     """
     _check_method(method)
     path = Path(path)
     if method in ("full", "selective"):
         return load_hf_folder(path)
     model = copy.deepcopy(base)
-    if method == "lora":
+    if method in ("lora", "qlora"):
         load_lora(model, path, ADAPTER_NAME)
         return model.eval()
     if method == "adapter":
