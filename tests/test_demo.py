@@ -4,6 +4,7 @@ Makefile runs them, on the demo corpus, with the model sized by the demo's wall-
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,3 +69,12 @@ def test_tokenizer_tokens_plan_pretrain_chain(demo):
     # Nothing changed: every stage says so and writes nothing.
     for args in (["tokenizer", "train"], ["tokens"], ["pretrain", "--no-progress"]):
         assert "up to date" in run(*args, "--recipe", str(demo))
+
+
+def test_the_demo_shards_folder_ships_with_the_repository():
+    """A fresh clone must run `make corpus`: git does not keep empty folders, so the demo's
+    contributed-shards folder holds a (hidden, ignored by the reader) .gitkeep."""
+    recipe = load_recipe("recipes/demo.yaml")
+    shards = [s for s in recipe.corpus.sources if s.kind == "shards"]
+    assert shards and all(Path(s.path).is_dir() for s in shards)
+    assert Path("corpus/shards/.gitkeep").exists()
