@@ -371,27 +371,46 @@ def serve(model: Path | None, adapters: tuple[str, ...], host: str, port: int,
     run(Engine(_model_dir(model), named, name), host, port)
 
 
-# ----------------------------------------------------------------------------- later stages
+# ----------------------------------------------------------------------------- eval
 
 
-def _not_yet(stage: str, issue: str) -> None:
-    raise UserError(
-        f"the `{stage}` stage is not built yet ({issue}); the stages before it work today"
-    )
+@main.group("eval", invoke_without_command=True)
+@recipe_option
+@click.pass_context
+@_friendly
+def eval_(ctx: click.Context, recipe: Path) -> None:
+    """Evaluate models (`make eval`); `domainlm eval metrics` scores texts directly."""
+    if ctx.invoked_subcommand is None:
+        raise UserError(
+            "the `eval` stage (perplexity per source, the report) is not built yet (issue 7); "
+            "`domainlm eval metrics` and the stages before it work today"
+        )
 
 
-for _stage, _issue in [
-    ("eval", "issue 7"),
-]:
+@eval_.command("metrics")
+@click.option("--reference", "-r", "references", multiple=True, required=True,
+              help="A reference text (repeat, paired in order with --prediction).")
+@click.option("--prediction", "-p", "predictions", multiple=True, required=True,
+              help="A predicted text (repeat).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def eval_metrics(references: tuple[str, ...], predictions: tuple[str, ...], as_json: bool) -> None:
+    """BLEU (sacrebleu, 0-100), ROUGE-1/2/L F-measure (rouge-score) and exact match of
+    prediction/reference pairs, as the reference implementations compute them."""
+    import json
 
-    def _make(stage: str = _stage, issue: str = _issue):
-        @main.command(stage, help=f"The {stage} stage (arrives with {issue}).")
-        @recipe_option
-        @_friendly
-        def _cmd(recipe: Path) -> None:
-            _not_yet(stage, issue)
+    from domainlm.eval.metrics import all_metrics
 
-    _make()
+    if len(references) != len(predictions):
+        raise UserError(
+            f"{len(references)} --reference but {len(predictions)} --prediction: give them in pairs"
+        )
+    scores = all_metrics(list(references), list(predictions))
+    if as_json:
+        click.echo(json.dumps(scores, sort_keys=True))
+    else:
+        for k, v in scores.items():
+            click.echo(f"{k:12s} {v:.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,3 +43,39 @@ def test_exact_match_normalizes_case_space_and_surrounding_punctuation():
     )
     with pytest.raises(ValueError):
         exact_match(["a"], [])
+
+
+def test_bleu_equals_sacrebleu_corpus_bleu():
+    import sacrebleu
+
+    from domainlm.eval.metrics import bleu
+
+    refs, preds = zip(*PAIRS, strict=True)
+    expected = sacrebleu.corpus_bleu(list(preds), [list(refs)]).score
+    assert bleu(list(refs), list(preds)) == pytest.approx(expected, abs=1e-12)
+    same = "return the absolute value of a number"
+    assert bleu([same], [same]) == pytest.approx(100.0)
+
+
+def test_eval_metrics_cli_prints_the_reference_packages_numbers():
+    import json
+
+    import sacrebleu
+    from click.testing import CliRunner
+
+    from domainlm.cli import main
+
+    ref, pred = PAIRS[1]
+    result = CliRunner().invoke(
+        main, ["eval", "metrics", "--reference", ref, "--prediction", pred, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    scores = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(
+        ref, pred
+    )
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu([pred], [[ref]]).score)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert got[key] == pytest.approx(scores[key].fmeasure)
+    unpaired = CliRunner().invoke(main, ["eval", "metrics", "-r", "a", "-r", "b", "-p", "a"])
+    assert unpaired.exit_code == 2 and "in pairs" in unpaired.output

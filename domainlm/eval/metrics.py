@@ -1,4 +1,5 @@
-"""Generation metrics by their reference implementations: ROUGE (rouge-score), exact match."""
+"""Generation metrics by their reference implementations: ROUGE (rouge-score), BLEU
+(sacrebleu), and exact match."""
 
 from __future__ import annotations
 
@@ -42,3 +43,21 @@ def exact_match(references: Sequence[str], predictions: Sequence[str]) -> float:
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
     hits = sum(normalize(r) == normalize(p) for r, p in zip(references, predictions, strict=True))
     return hits / max(len(references), 1)
+
+
+def bleu(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """Corpus BLEU (0-100) as sacrebleu computes it, with its default 13a tokenizer."""
+    import sacrebleu
+
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+
+
+def all_metrics(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """BLEU (0-100), ROUGE-1/2/L F-measure and exact match (0-1) of prediction/reference pairs."""
+    return {
+        "bleu": bleu(references, predictions),
+        **rouge(references, predictions),
+        "exact_match": exact_match(references, predictions),
+    }
