@@ -220,13 +220,13 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
 
     from domainlm.finetune.sft_data import SFTData, steps_for
     from domainlm.train.module import PretrainModule
-    from domainlm.train.settings import RunSettings, _accelerator
+    from domainlm.train.settings import RunSettings, resolve_accelerator
 
     ft = recipe.finetune
     out = recipe.stage_dir("sft") / method
     run_fp = hash_json([fp, method])
     ckpt_dir, resume = checkpoint_dir(out, run_fp, force, click.echo)
-    accelerator = _accelerator(recipe.train.accelerator)
+    accelerator = resolve_accelerator(recipe.train.accelerator)
     data = SFTData(
         mixture,
         val_pairs,

@@ -86,7 +86,7 @@ def _read_plan(recipe: Recipe, needed: list[str]) -> dict | None:
     return plan
 
 
-def _accelerator(requested: str) -> str:
+def resolve_accelerator(requested: str) -> str:
     cuda = torch.cuda.is_available()
     if requested == "gpu" and not cuda:
         raise UserError(
@@ -153,7 +153,7 @@ def resolve(recipe: Recipe) -> RunSettings:
         value = getattr(t, key)
         if isinstance(value, int) and value < 1:
             raise UserError(f"train.{key} must be >= 1, got {value}")
-    accelerator = _accelerator(t.accelerator)
+    accelerator = resolve_accelerator(t.accelerator)
     if t.devices == "auto":
         devices = torch.cuda.device_count() if accelerator == "gpu" else 1
     else:
