@@ -70,7 +70,7 @@ def finetuned(tmp_path_factory):
         finetune={
             "data": [{"name": "sentiment", "path": str(data)}],
             "template": "chat",
-            "methods": ["full", "lora", "adapter", "prompt", "selective"],
+            "methods": ["full", "lora", "qlora", "adapter", "prompt", "selective"],
             "full": {"lr": 3e-3},
             "lora": {
                 "r": 8,
@@ -119,8 +119,12 @@ def test_counts_and_quarantine(finetuned):
 def test_every_method_prints_counts_and_saves_its_format(finetuned):
     recipe, output = finetuned
     sft = recipe.stage_dir("sft")
-    for method in ("full", "lora", "adapter", "prompt", "selective"):
+    for method in ("full", "lora", "qlora", "adapter", "prompt", "selective"):
         assert f"finetune: {method}: " in output and "trainable of" in output
+    assert "4-bit base's linear layers take" in output
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (sft / "qlora" / "model").iterdir()
+    }
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in (sft / "lora" / "model").iterdir()
     }

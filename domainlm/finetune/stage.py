@@ -104,9 +104,7 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
     ft = recipe.finetune
     base_dir = recipe.stage_dir("pretrain") / "model"
     if not (recipe.stage_dir("pretrain") / "manifest.json").exists():
-        raise UserError(
-            f"{base_dir} is not built: run `make pretrain RECIPE={recipe.path}` first"
-        )
+        raise UserError(f"{base_dir} is not built: run `make pretrain RECIPE={recipe.path}` first")
     out = recipe.stage_dir("sft")
     tokenizer_model = recipe.stage_dir("tokenizer") / "tokenizer.model"
     fingerprint = _inputs_fingerprint(recipe)
@@ -169,6 +167,13 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
             f"finetune: {method}: {info.trainable:,} trainable of {info.total:,} parameters "
             f"({info.trainable / info.total:.2%}), lr {info.lr:g}"
         )
+        if method == "qlora":
+            from domainlm.model.peft.qlora import base_memory_bytes
+
+            say(
+                f"finetune: qlora: the 4-bit base's linear layers take "
+                f"{base_memory_bytes(model):,} bytes"
+            )
         train_seconds = _train(
             recipe, method, model, info, mixture, val_pairs, seq_len, fingerprint, force, progress
         )
