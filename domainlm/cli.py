@@ -376,15 +376,18 @@ def serve(model: Path | None, adapters: tuple[str, ...], host: str, port: int,
 
 @main.group("eval", invoke_without_command=True)
 @recipe_option
+@click.option("--force", is_flag=True, help="Evaluate again even if up to date.")
 @click.pass_context
 @_friendly
-def eval_(ctx: click.Context, recipe: Path) -> None:
-    """Evaluate models (`make eval`); `domainlm eval metrics` scores texts directly."""
+def eval_(ctx: click.Context, recipe: Path, force: bool) -> None:
+    """Evaluate the run (`make eval`): build/<run>/eval/metrics.json and report.md (corpus,
+    tokenizer, plan vs trained, loss curves, perplexity per source before and after
+    fine-tuning, quantization, samples). `domainlm eval metrics` scores texts directly."""
     if ctx.invoked_subcommand is None:
-        raise UserError(
-            "the `eval` stage (perplexity per source, the report) is not built yet (issue 7); "
-            "`domainlm eval metrics` and the stages before it work today"
-        )
+        from domainlm.eval.stage import evaluate_run
+        from domainlm.recipe import load_recipe
+
+        evaluate_run(load_recipe(recipe), force=force)
 
 
 @eval_.command("metrics")

@@ -36,7 +36,10 @@ def test_demo_corpus_builds_then_does_nothing_on_rerun(tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
-def test_later_stages_say_which_issue_brings_them():
-    res = CliRunner().invoke(main, ["eval", "--recipe", "recipes/demo.yaml"])
+def test_eval_names_the_missing_stage(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: none\nbuild_dir: {tmp_path}/build\n"
+                      "corpus:\n  sources: [{name: a, path: x}]\n")
+    res = CliRunner().invoke(main, ["eval", "--recipe", str(recipe)])
     assert res.exit_code == 2
-    assert "issue 7" in res.output and "Traceback" not in res.output
+    assert "make corpus" in res.output and "Traceback" not in res.output

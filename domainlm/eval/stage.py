@@ -1,0 +1,252 @@
+"""`make eval`: build/<run>/eval/metrics.json and report.md, every figure read or computed from
+the outputs of the stages before it (a section whose stage is not built says which target
+builds it; nothing is typed in)."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import click
+
+from domainlm.errors import UserError
+from domainlm.files import hash_json, read_json, versions, write_json, write_text
+from domainlm.recipe import Recipe
+
+STAGE_VERSION = 1
+MAX_TOKENS = 32768  # validation tokens scored per source and model
+CURVES = ("train/loss", "val/loss")
+
+
+def model_folders(recipe: Recipe) -> dict[str, Path]:
+    """The full (not adapter) models that exist: base, then each fine-tuned one."""
+    sft = recipe.stage_dir("sft")
+    candidates = {
+        "base": recipe.stage_dir("pretrain") / "model",
+        "full": sft / "full" / "model",
+        "selective": sft / "selective" / "model",
+        "lora-merged": sft / "lora-merged",
+    }
+    return {k: p for k, p in candidates.items() if (p / "config.json").is_file()}
+
+
+def _json(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
+
+
+def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of train/loss and val/loss in a Lightning metrics.csv."""
+    curves: dict[str, list[tuple[int, float]]] = {k: [] for k in CURVES}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            for key in CURVES:
+                if row.get(key) not in (None, "") and row.get("step") not in (None, ""):
+                    curves[key].append((int(float(row["step"])), float(row[key])))
+    return {k: v for k, v in curves.items() if v}
+
+
+def _inputs(recipe: Recipe, folders: dict[str, Path]) -> list:
+    run = recipe.run_dir
+    files = [
+        run / "corpus" / "manifest.json",
+        run / "tokenizer" / "report.json",
+        run / "plan.json",
+        run / "pretrain" / "manifest.json",
+        run / "pretrain" / "logs" / "metrics.csv",
+        run / "sft" / "manifest.json",
+        run / "export" / "manifest.json",
+        *sorted((run / "sft").glob("*/logs/metrics.csv")),
+    ]
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    for name, folder in folders.items():
+        stats += [(name, p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(folder.iterdir()) if p.is_file()]
+    return stats
+
+
+def _corpus(recipe: Recipe) -> dict | None:
+    m = _json(recipe.stage_dir("corpus") / "manifest.json")
+    if m is None:
+        return None
+    splits = {"train": 0, "val": 0}
+    for name, out in m.get("outputs", {}).items():
+        for split in splits:
+            if name.startswith(f"{split}-") and "rows" in out:
+                splits[split] += out["rows"]
+    counts = m.get("counts")
+
+    def stages(c: dict) -> dict:
+        return {
+            "in": c["in"],
+            "filtered": sum(c.get("filtered", {}).values()),
+            "duplicates": sum(c.get("duplicates", {}).values()),
+            "decontaminated": c.get("decontaminated", 0),
+            "quarantined": c.get("quarantined", 0),
+            "kept": c["kept"],
+        }
+
+    return {
+        "splits": splits,
+        "total": stages(counts["total"]) if counts else None,
+        "sources": {s: stages(c) for s, c in counts["sources"].items()} if counts else None,
+    }
+
+
+def _tokenizer(recipe: Recipe) -> dict | None:
+    r = _json(recipe.stage_dir("tokenizer") / "report.json")
+    if r is None:
+        return None
+    ev = r.get("eval", {})
+    return {
+        "vocab_size": r["model"]["vocab_size"],
+        "type": r["model"].get("type"),
+        "bytes_per_token": ev.get("total", {}).get("bytes_per_token"),
+        "baseline_token_ratio": ev.get("baseline", {}).get("token_ratio"),
+        "baseline_bits_ratio": ev.get("baseline", {}).get("bits_ratio"),
+        "round_trip_checked": ev.get("round_trip", {}).get("checked"),
+        "round_trip_failures": ev.get("round_trip", {}).get("failures"),
+    }
+
+
+def _plan(recipe: Recipe, pre: dict | None) -> dict | None:
+    plan = _json(recipe.run_dir / "plan.json")
+    if plan is None:
+        return None
+    planned = {
+        "params": plan.get("params"),
+        "tokens": plan.get("tokens"),
+        "steps": plan.get("strategy", {}).get("steps"),
+        "loss": plan.get("loss"),
+    }
+    trained = None
+    if pre is not None:
+        s, m = pre.get("settings", {}), pre.get("metrics", {})
+        trained = {
+            "params": s.get("model", {}).get("params"),
+            "tokens": m.get("tokens", s.get("tokens")),
+            "steps": m.get("steps", s.get("total_steps")),
+            "loss": m.get("val_loss"),
+        }
+    return {"planned": planned, "trained": trained}
+
+
+def _curves(recipe: Recipe, out: Path) -> dict:
+    from domainlm.eval.report import plot_curves
+
+    logs = {"pretrain": recipe.stage_dir("pretrain") / "logs" / "metrics.csv"}
+    for p in sorted(recipe.stage_dir("sft").glob("*/logs/metrics.csv")):
+        logs[f"finetune {p.parent.parent.name}"] = p
+    result = {}
+    for name, path in logs.items():
+        if not path.is_file():
+            continue
+        curves = read_curves(path)
+        if not curves:
+            continue
+        png = out / "plots" / (name.replace(" ", "-") + "-loss.png")
+        plot_curves(curves, f"{recipe.name}: {name} loss", png)
+        result[name] = {
+            "plot": str(png.relative_to(out)),
+            **{f"{k}_points": len(v) for k, v in curves.items()},
+            **{f"{k}_first": v[0][1] for k, v in curves.items()},
+            **{f"{k}_last": v[-1][1] for k, v in curves.items()},
+        }
+    return result
+
+
+def _perplexity(recipe: Recipe, folders: dict[str, Path], pre: dict | None, max_tokens: int,
+                say) -> dict:
+    import torch
+
+    from domainlm.eval.models import load_model
+    from domainlm.eval.perplexity import perplexity_by_source
+
+    tok = recipe.stage_dir("tokenizer") / "tokenizer.model"
+    result = {}
+    for name, folder in folders.items():
+        model = load_model(folder)
+        seq_len = model.config.max_seq_len
+        if pre is not None and pre.get("settings", {}).get("seq_len"):
+            seq_len = min(seq_len, pre["settings"]["seq_len"])
+        t = time.time()
+        with torch.no_grad():
+            result[name] = perplexity_by_source(
+                model, tok, recipe.stage_dir("corpus"), seq_len, max_tokens
+            )
+        say(f"eval: {name}: perplexity {result[name]['overall']['ppl']:.3f} "
+            f"({time.time() - t:.1f}s)")
+    return result
+
+
+def _samples(pre: dict | None, sft: dict | None) -> list[dict]:
+    out = []
+    if pre is not None and pre.get("metrics", {}).get("sample"):
+        s = pre["metrics"]["sample"]
+        out.append({"model": "base (pretrain)", "prompt": s["prompt"], "text": s["text"]})
+    if sft is not None:
+        entries = {"base": sft.get("base"), **sft.get("methods", {})}
+        for name, entry in entries.items():
+            for s in ((entry or {}).get("samples") or [])[:2]:
+                out.append({"model": f"finetune {name}", "prompt": s["prompt"],
+                            "text": s["prediction"], "reference": s.get("reference")})
+    return out
+
+
+def evaluate_run(recipe: Recipe, *, force: bool = False, max_tokens: int = MAX_TOKENS) -> dict:
+    """Write build/<run>/eval/ (metrics.json, report.md, plots/); returns the metrics."""
+    from domainlm.eval.report import render
+
+    say = click.echo
+    out = recipe.stage_dir("eval")
+    if not (recipe.stage_dir("corpus") / "manifest.json").is_file():
+        raise UserError(f"{recipe.stage_dir('corpus')} is not built: run `make corpus "
+                        f"RECIPE={recipe.path}` first")
+    folders = model_folders(recipe)
+    fingerprint = hash_json([STAGE_VERSION, max_tokens, _inputs(recipe, folders)])
+    manifest_path = out / "manifest.json"
+    if not force and manifest_path.exists():
+        old = read_json(manifest_path)
+        if old.get("fingerprint") == fingerprint:
+            say(f"eval: up to date ({manifest_path}); nothing to do")
+            return read_json(out / "metrics.json")
+    if manifest_path.exists():
+        manifest_path.unlink()
+
+    t_start = time.time()
+    pre = _json(recipe.stage_dir("pretrain") / "manifest.json")
+    sft = _json(recipe.stage_dir("sft") / "manifest.json")
+    export = _json(recipe.stage_dir("export") / "manifest.json")
+    if folders and not (recipe.stage_dir("tokenizer") / "tokenizer.model").is_file():
+        raise UserError("the tokenizer is not built: run `make tokenizer` first")
+    metrics = {
+        "run": recipe.name,
+        "corpus": _corpus(recipe),
+        "tokenizer": _tokenizer(recipe),
+        "plan": _plan(recipe, pre),
+        "pretrain": None if pre is None else {
+            k: pre.get("metrics", {}).get(k)
+            for k in ("val_loss", "val_ppl", "val_bpb", "unigram_baseline", "train_seconds")
+        },
+        "curves": _curves(recipe, out),
+        "perplexity": _perplexity(recipe, folders, pre, max_tokens, say) if folders else None,
+        "finetuned": bool(sft) and any(k != "base" for k in folders),
+        "quantization": None if export is None else [
+            {k: r.get(k) for k in ("model", "format", "bytes", "ppl", "ppl_bf16", "change",
+                                   "target", "met")}
+            for r in export["rows"]
+        ],
+        "samples": _samples(pre, sft),
+    }
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "report.md", render(recipe, metrics))
+    write_json(manifest_path, {
+        "stage": "eval",
+        "fingerprint": fingerprint,
+        "outputs": ["metrics.json", "report.md",
+                    *[c["plot"] for c in metrics["curves"].values()]],
+        "seconds": round(time.time() - t_start, 1),
+        "versions": versions(),
+    })
+    say(f"eval: wrote {out}/ (report.md, metrics.json) in {time.time() - t_start:.1f}s")
+    return metrics

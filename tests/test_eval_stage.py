@@ -1,0 +1,104 @@
+"""`make eval`: metrics.json and report.md from a tiny pretrained run (no fine-tuning or
+export: those sections say which target builds them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from builders import grammar_corpus, tiny_run
+from click.testing import CliRunner
+
+from domainlm.cli import main
+from domainlm.errors import UserError
+from domainlm.eval.models import load_model
+from domainlm.eval.perplexity import perplexity_by_source
+from domainlm.eval.report import SECTIONS
+from domainlm.eval.stage import evaluate_run
+from domainlm.recipe import load_recipe
+from domainlm.train.pretrain import pretrain
+
+MODEL = {"from_plan": False, "n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1,
+         "ffn_dim": 64, "max_seq_len": 32, "tie_embeddings": True}
+TRAIN = {"seq_len": 32, "micro_batch": 4, "grad_accum": 1, "tokens": 4 * 32 * 12,
+         "lr": 1e-2, "warmup_steps": 2, "val_every": 4, "val_batches": 2, "ckpt_every": 100,
+         "log_every": 1, "sample_prompt": "The", "sample_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    path = tiny_run(root, vocab_size=320, corpus=grammar_corpus(docs=120), model=MODEL,
+                    train=TRAIN)
+    pretrain(load_recipe(path), progress=False)
+    return path
+
+
+def test_eval_stage_writes_metrics_and_report_from_real_outputs(run):
+    recipe = load_recipe(run)
+    res = CliRunner().invoke(main, ["eval", "--recipe", str(run)])
+    assert res.exit_code == 0, res.output
+    out = recipe.stage_dir("eval")
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+
+    # perplexity per source equals the function's, computed directly
+    model = load_model(recipe.stage_dir("pretrain") / "model")
+    with torch.no_grad():
+        direct = perplexity_by_source(model, recipe.stage_dir("tokenizer") / "tokenizer.model",
+                                      recipe.stage_dir("corpus"), 32, 32768)
+    assert list(metrics["perplexity"]) == ["base"]
+    base = metrics["perplexity"]["base"]
+    assert base["sources"].keys() == direct["sources"].keys() == {"grammar"}
+    for source, s in direct["sources"].items():
+        assert base["sources"][source]["ppl"] == pytest.approx(s["ppl"], rel=1e-6)
+        assert base["sources"][source]["bits_per_byte"] == pytest.approx(s["bits_per_byte"],
+                                                                         rel=1e-6)
+        # the report shows the numbers of metrics.json
+        row = (f"| base | {source} | {s['documents']:,} | {s['tokens']:,} | "
+               f"{base['sources'][source]['loss']:.4f} | {base['sources'][source]['ppl']:.3f} | "
+               f"{base['sources'][source]['bits_per_byte']:.4f} |")
+        assert row in report
+
+    # every section, in order; the stages not built say which target builds them
+    positions = [report.index(f"## {title}\n") for title in SECTIONS]
+    assert positions == sorted(positions)
+    quant = report.split("## Quantization")[1].split("## ")[0]
+    assert "not built: run `make quantize`" in quant
+    assert "not built: run `make plan`" in report.split("## Plan versus training")[1]
+    assert "after fine-tuning: not built: run `make finetune`" in report
+    assert metrics["quantization"] is None and metrics["plan"] is None
+
+    # tokenizer and corpus figures come from their stages
+    tok = json.loads((recipe.stage_dir("tokenizer") / "report.json").read_text())
+    assert metrics["tokenizer"]["vocab_size"] == tok["model"]["vocab_size"]
+    assert f"| vocabulary size | {tok['model']['vocab_size']:,} |" in report
+    assert metrics["corpus"]["splits"] == {"train": 108, "val": 12}
+    assert "train 108, val 12" in report
+
+    # the loss curve: a PNG embedded in the report, its end points from the training log
+    curve = metrics["curves"]["pretrain"]
+    png = out / curve["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({curve['plot']})" in report
+    assert f"-> {curve['train/loss_last']:.4f}" in report
+    pre = json.loads((recipe.stage_dir("pretrain") / "manifest.json").read_text())
+    assert metrics["pretrain"]["val_loss"] == pre["metrics"]["val_loss"]
+    assert metrics["samples"][0]["text"] == pre["metrics"]["sample"]["text"]
+    assert pre["metrics"]["sample"]["text"] in report
+
+    # second run: nothing to do, files untouched
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = CliRunner().invoke(main, ["eval", "--recipe", str(run)])
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_eval_without_corpus_names_the_stage(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: none\nbuild_dir: {tmp_path}/build\n"
+                      "corpus:\n  sources: [{name: a, path: x}]\n")
+    with pytest.raises(UserError, match="make corpus"):
+        evaluate_run(load_recipe(recipe))
