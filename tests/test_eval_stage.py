@@ -4,6 +4,7 @@ export: those sections say which target builds them)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,19 @@ def test_eval_without_corpus_names_the_stage(tmp_path):
                       "corpus:\n  sources: [{name: a, path: x}]\n")
     with pytest.raises(UserError, match="make corpus"):
         evaluate_run(load_recipe(recipe))
+
+
+def test_domain_and_general_groups_sum_their_sources():
+    from domainlm.eval.stage import groups
+
+    sources = {
+        "filings": {"tokens": 100, "bytes": 400, "nats": 250.0},
+        "news": {"tokens": 50, "bytes": 220, "nats": 150.0},
+        "web": {"tokens": 30, "bytes": 100, "nats": 90.0},
+    }
+    g = groups(sources, ["news", "web"])
+    assert g["domain"]["sources"] == ["filings"] and g["domain"]["tokens"] == 100
+    assert g["general"]["tokens"] == 80 and g["general"]["nats"] == 240.0
+    assert g["general"]["ppl"] == pytest.approx(math.exp(240 / 80))
+    assert g["general"]["bits_per_byte"] == pytest.approx(240 / math.log(2) / 320)
+    assert set(groups(sources, [])) == {"domain"}

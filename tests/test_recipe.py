@@ -118,6 +118,7 @@ def test_every_corpus_field_is_documented():
         ("InstructionSource", "docs/finetune.md"),
         ("QLoRAConfig", "docs/finetune.md"),
         ("ExportConfig", "docs/quantize.md"),
+        ("EvalConfig", "docs/eval.md"),
     ],
 )
 def test_every_stage_field_is_documented(section: str, page: str) -> None:

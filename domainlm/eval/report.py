@@ -126,6 +126,14 @@ def _perplexity(p, pretrain, finetune_built: bool) -> list[str]:
             lines.append(f"| {model} | {source} | {_f(s['documents'])} | {_f(s['tokens'])} | "
                          f"{_f(s['loss'], '.4f')} | {_f(s['ppl'])} | "
                          f"{_f(s['bits_per_byte'], '.4f')} |")
+    lines += ["", "Domain versus general text (`eval.general_sources`: the general sources; every "
+              "other source is domain):", "",
+              "| model | group | sources | tokens | perplexity | bits/byte |",
+              "|---|---|---|---:|---:|---:|"]
+    for model, r in p.items():
+        for group, g in r.get("groups", {}).items():
+            lines.append(f"| {model} | {group} | {', '.join(g['sources'])} | {_f(g['tokens'])} | "
+                         f"{_f(g['ppl'])} | {_f(g['bits_per_byte'], '.4f')} |")
     lines.append("")
     if pretrain and pretrain.get("unigram_baseline") is not None:
         lines += [f"Unigram baseline loss (pretrain): {_f(pretrain['unigram_baseline'], '.4f')}; "

@@ -5,6 +5,7 @@ builds it; nothing is typed in)."""
 from __future__ import annotations
 
 import csv
+import math
 import time
 from pathlib import Path
 
@@ -174,9 +175,34 @@ def _perplexity(recipe: Recipe, folders: dict[str, Path], pre: dict | None, max_
             result[name] = perplexity_by_source(
                 model, tok, recipe.stage_dir("corpus"), seq_len, max_tokens
             )
+        result[name]["groups"] = groups(result[name]["sources"], recipe.eval.general_sources)
         say(f"eval: {name}: perplexity {result[name]['overall']['ppl']:.3f} "
             f"({time.time() - t:.1f}s)")
     return result
+
+
+def groups(sources: dict[str, dict], general: list[str]) -> dict[str, dict]:
+    """Domain and general text: the per-source sums of tokens, bytes and nats, regrouped."""
+    out = {}
+    for group, names in (
+        ("domain", [s for s in sources if s not in general]),
+        ("general", [s for s in sources if s in general]),
+    ):
+        if not names:
+            continue
+        tokens = sum(sources[s]["tokens"] for s in names)
+        nbytes = sum(sources[s]["bytes"] for s in names)
+        nats = sum(sources[s]["nats"] for s in names)
+        out[group] = {
+            "sources": names,
+            "tokens": tokens,
+            "bytes": nbytes,
+            "nats": nats,
+            "loss": nats / max(tokens, 1),
+            "ppl": math.exp(nats / max(tokens, 1)),
+            "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+        }
+    return out
 
 
 def _samples(pre: dict | None, sft: dict | None) -> list[dict]:
@@ -203,7 +229,9 @@ def evaluate_run(recipe: Recipe, *, force: bool = False, max_tokens: int = MAX_T
         raise UserError(f"{recipe.stage_dir('corpus')} is not built: run `make corpus "
                         f"RECIPE={recipe.path}` first")
     folders = model_folders(recipe)
-    fingerprint = hash_json([STAGE_VERSION, max_tokens, _inputs(recipe, folders)])
+    fingerprint = hash_json(
+        [STAGE_VERSION, max_tokens, recipe.eval.general_sources, _inputs(recipe, folders)]
+    )
     manifest_path = out / "manifest.json"
     if not force and manifest_path.exists():
         old = read_json(manifest_path)

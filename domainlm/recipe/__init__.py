@@ -21,6 +21,7 @@ from domainlm.recipe.finetune import (
 )
 from domainlm.recipe.loader import Recipe, RecipeError, load_recipe, merged, section_dict
 from domainlm.recipe.stages import (
+    EvalConfig,
     ExportConfig,
     ModelConfig,
     PlanConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "CorpusConfig",
     "DecontamConfig",
     "DedupConfig",
+    "EvalConfig",
     "ExportConfig",
     "FinetuneConfig",
     "FullConfig",

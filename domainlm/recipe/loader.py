@@ -22,6 +22,7 @@ from domainlm.recipe.corpus import (
 )
 from domainlm.recipe.finetune import FinetuneConfig
 from domainlm.recipe.stages import (
+    EvalConfig,
     ExportConfig,
     ModelConfig,
     PlanConfig,
@@ -46,6 +47,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})

@@ -115,3 +115,12 @@ class ExportConfig:
     )
     group_size: int = 64  # int4: weights quantized in groups of this many along each row
     eval_tokens: int | None = 65536  # validation tokens for the perplexity comparison; null: all
+
+
+@dataclass
+class EvalConfig:
+    """The run report (`make eval`)."""
+
+    # Sources of general-purpose text; every other source is domain text. Perplexity and bits
+    # per byte are reported per source and for the two groups (as BloombergGPT compares them).
+    general_sources: list[str] = field(default_factory=list)
