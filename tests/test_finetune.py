@@ -180,3 +180,31 @@ def test_finetune_without_pretraining_names_the_command(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(main, ["finetune", "--recipe", str(path)])
     assert result.exit_code == 2 and "make pretrain" in result.output
+
+
+def test_quantize_then_eval_fill_every_report_section(finetuned):
+    """`make corpus pretrain finetune quantize eval` on a tiny run: every report section is
+    filled from real outputs (none says "not built")."""
+    from domainlm.eval.report import SECTIONS
+
+    recipe, _ = finetuned
+    data = yaml.safe_load(recipe.path.read_text())
+    data["plan"] = {"max_epochs": 16}
+    data["export"] = {
+        "models": ["base", "lora-merged"],
+        "formats": ["int8", "gguf-q8_0"],
+        "group_size": 32,
+        "eval_tokens": 4096,
+    }
+    path = recipe.path.with_name("tiny-eval.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    # The tiny model's shape is fixed in the recipe; a plan still shows planned vs trained.
+    for args in (["plan", "--flops", "3e11"], ["quantize"], ["eval"]):
+        result = CliRunner().invoke(main, [*args, "--recipe", str(path)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    report = (recipe.stage_dir("eval") / "report.md").read_text()
+    for title in SECTIONS:
+        assert title in report
+    assert "not built" not in report
+    metrics = read_json(recipe.stage_dir("eval") / "metrics.json")
+    assert {"base", "full", "lora-merged"} <= set(metrics["perplexity"])
