@@ -208,3 +208,68 @@ def test_quantize_then_eval_fill_every_report_section(finetuned):
     assert "not built" not in report
     metrics = read_json(recipe.stage_dir("eval") / "metrics.json")
     assert {"base", "full", "lora-merged"} <= set(metrics["perplexity"])
+
+
+def test_eval_commands_score_any_model_folder(finetuned, tmp_path):
+    """`domainlm eval generate|fewshot|perplexity` on the fine-tuned and base folders."""
+    from domainlm.eval.fewshot import classify
+    from domainlm.eval.models import load_model
+    from domainlm.eval.tasks import tokenizer_for
+
+    recipe, _ = finetuned
+    rng = random.Random(3)
+    rows = [
+        (f"{noun} was {adj}.", "positive" if adj in GOOD else "negative")
+        for noun in NOUNS
+        for adj in GOOD + BAD
+    ]
+    rng.shuffle(rows)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Sentiment: {t}", "reference": y}) + "\n" for t, y in rows[:12]
+        )
+    )
+    shots, data = tmp_path / "shots.jsonl", tmp_path / "data.jsonl"
+    shots.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows[:40]))
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows[40:60]))
+    full = recipe.stage_dir("sft") / "full" / "model"
+    base = recipe.stage_dir("pretrain") / "model"
+
+    def run(*args):
+        result = CliRunner().invoke(main, ["eval", *args, "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    tuned = run("generate", "-m", str(full), "--data", str(prompts), "--chat", "-n", "10")
+    prompted = run("generate", "-m", str(base), "--data", str(prompts), "--chat", "-n", "10")
+    assert tuned["n"] == 12 and tuned["rougeL"] > prompted["rougeL"] + 0.3
+
+    got = run(
+        "fewshot",
+        "-m",
+        str(full),
+        "--shots",
+        str(shots),
+        "--data",
+        str(data),
+        "--labels",
+        "positive,negative",
+        "--k",
+        "2",
+        "--seed",
+        "1",
+    )
+    sp, _ = tokenizer_for(full, None)
+    direct = classify(load_model(full), sp, rows[:40], rows[40:60], ["positive", "negative"], 2, 1)
+    assert got["accuracy"] == direct["accuracy"] and got["macro_f1"] == direct["macro_f1"]
+
+    ppl = run("perplexity", "-m", str(base), "--recipe", str(recipe.path))
+    from domainlm.eval.perplexity import perplexity_by_source
+
+    tok = recipe.stage_dir("tokenizer") / "tokenizer.model"
+    other = perplexity_by_source(load_model(base), tok, recipe.stage_dir("corpus"), 16)
+    # Every validation token counted once, whatever the window length.
+    assert ppl["overall"]["tokens"] == other["overall"]["tokens"] > 0
+    assert ppl["overall"]["bytes"] == other["overall"]["bytes"]
+    assert ppl["groups"]["domain"]["tokens"] == ppl["overall"]["tokens"]

@@ -27,8 +27,13 @@ def checkpoint_dir(out: Path, run_fp: str, force: bool, say) -> tuple[Path, Path
             shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_file, {"fingerprint": run_fp})
-    last = ckpt_dir / "last.ckpt"
-    return ckpt_dir, (last if last.exists() else None)
+    # last.ckpt is written just after each periodic step-*.ckpt; a kill between the two leaves
+    # the step checkpoint newer, so resume from whichever holds the later step.
+    candidates = [ckpt_dir / "last.ckpt", *ckpt_dir.glob("step-*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    if not existing:
+        return ckpt_dir, None
+    return ckpt_dir, max(existing, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
 
 
 @contextlib.contextmanager
