@@ -57,11 +57,11 @@ def perplexity(model_path: Path, recipe: Recipe, max_tokens: int | None) -> dict
     from domainlm.eval.models import load_model
     from domainlm.eval.perplexity import perplexity_by_source
     from domainlm.eval.stage import groups
+    from domainlm.serve.generate import context_length
 
     model = load_model(model_path)
     _, tok = tokenizer_for(model_path, recipe)
-    config = getattr(model, "config", None) or model.base.config
-    seq_len = config.max_seq_len - int(getattr(model, "n_virtual", 0) or 0)
+    seq_len = context_length(model)
     with torch.no_grad():
         result = perplexity_by_source(model, tok, recipe.stage_dir("corpus"), seq_len, max_tokens)
     result["groups"] = groups(result["sources"], recipe.eval.general_sources)

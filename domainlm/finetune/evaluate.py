@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from domainlm.eval.metrics import exact_match, rouge
-from domainlm.tokenizer.special import EOS_ID
 
 
 @dataclass
@@ -40,25 +39,14 @@ class Scores:
 
 @torch.no_grad()
 def answers(model: nn.Module, sp, prompts: list[str], max_new_tokens: int, stop: str) -> list[str]:
-    """Greedy continuations of each prompt, cut at `stop` (the template's end of turn) or eos."""
+    """Greedy continuations of each prompt, cut at `stop` (the template's end of turn) or eos:
+    the serving path's decoding, so what is scored is what `domainlm serve` would answer."""
+    from domainlm.serve.generate import SamplingParams, complete
+
     model.eval()
-    limit = _max_len(model)
-    out = []
-    for prompt in prompts:
-        ids = sp.encode(prompt)[-(limit - max_new_tokens) :]
-        gen = model.generate(torch.tensor([ids]), max_new_tokens, temperature=0.0, eos_id=EOS_ID)
-        new = [i for i in gen[0, len(ids) :].tolist() if i != EOS_ID]
-        text = sp.decode(new)
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-        out.append(text.strip())
-    return out
-
-
-def _max_len(model: nn.Module) -> int:
-    """Positions left for prompt + answer (a prompt-tuned model spends some on its prompt)."""
-    config = getattr(model, "config", None) or model.base.config
-    return config.max_seq_len - int(getattr(model, "n_virtual", 0) or 0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop=[stop] if stop else [])
+    return [complete(model, sp, sp.encode(p), params).text.strip() for p in prompts]
 
 
 @torch.no_grad()
