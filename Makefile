@@ -17,8 +17,8 @@ DLM    := $(BIN)/domainlm
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup corpus tokenizer tokens plan pretrain finetune quantize eval bench test lint clean \
-        check-gguf
+.PHONY: setup corpus tokenizer tokens plan pretrain finetune quantize eval bench test test-fast \
+        lint clean check-gguf
 
 setup: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The suite without the end-to-end tests marked slow (those train and export real models).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # The GGUF export checked in llama.cpp itself: writes MODEL (a model folder) as an F16 GGUF
 # and compares llama.cpp's greedy continuation with ours, token for token. Not part of
 # `make test`: the first run pip-installs llama-cpp-python, which compiles llama.cpp from
@@ -67,8 +71,10 @@ check-gguf: $(STAMP)
 	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || $(BIN)/pip install llama-cpp-python
 	$(BIN)/python scripts/check_gguf.py --model $(MODEL)
 
+# ruff, and the layers contract of pyproject.toml: no module imports from a layer above it.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf build

@@ -107,7 +107,7 @@ def _raw_read(shards: Path) -> int:
 def _stage_rows(recipe_path: Path) -> list[list[object]]:
     """Per-stage single-core throughput from the shard workers' own clocks."""
     recipe = load_recipe(recipe_path)
-    cache = recipe.stage_dir("corpus") / ".cache" / "shards"
+    cache = recipe.layout.corpus / ".cache" / "shards"
     secs: Counter[str] = Counter()
     nbytes = docs = 0
     for st in cache.glob("*/stats.json"):
@@ -204,7 +204,7 @@ def run(quick: bool = False) -> str:
 
 
 def _shard_stats(recipe) -> list[dict]:
-    cache = recipe.stage_dir("corpus") / ".cache" / "shards"
+    cache = recipe.layout.corpus / ".cache" / "shards"
     return [json.loads(p.read_text()) for p in cache.glob("*/stats.json")]
 
 

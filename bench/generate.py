@@ -1,5 +1,5 @@
 """Generation speed on this CPU: tokens/s of greedy decoding for fp32, bf16, int8 and int4 weights,
-with and without the KV cache, through the serving path (`domainlm.serve.generate`)."""
+with and without the KV cache, through the serving path (`domainlm.model.decode`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import time
 import torch
 
 from bench.common import commit, machine, median_time, table, write_section
-from domainlm.export.quantize import model_bytes, quantize_model
-from domainlm.model.config import LlamaConfig
+from domainlm.model.decode import SamplingParams, stream
 from domainlm.model.llama import Llama
-from domainlm.serve.generate import SamplingParams, stream
+from domainlm.model.quantized import model_bytes, quantize_model
+from domainlm.recipe.model import LlamaConfig
 
 SIZES = {
     # The demo's planned shape (vocab 2048, 6 layers, d_model 64), and a 7M-parameter model.
@@ -83,7 +83,7 @@ def main(quick: bool = False) -> None:
         f"Command: `python -m bench generate`{' --quick' if quick else ''} "
         f"({time.time() - t0:.0f} s).\n\n"
         f"Greedy decoding of {new} tokens after a 32-token prompt, batch 1, through "
-        "`domainlm.serve.generate.stream` (the path `domainlm serve` uses), median of "
+        "`domainlm.model.decode.stream` (the path `domainlm serve` uses), median of "
         f"{runs} run(s) after a warm-up; random weights of the given shape. \"No cache\" "
         "recomputes the whole context at every step. int8/int4 are weight-only (bf16 "
         "activations use torch's int8/int4 CPU matmul kernels).\n\n"

@@ -21,12 +21,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from bench.common import commit, machine, table, write_section
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama
 from domainlm.recipe import TrainConfig
-from domainlm.tokenizer.arrays import TokenArrays
+from domainlm.recipe.model import LlamaConfig
+from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
 from domainlm.train import optim
-from domainlm.train.data import PretrainData, StepSampler, TokenWindows
+from domainlm.train.data import PretrainData, StepSampler
 from domainlm.train.loop import build_trainer
 from domainlm.train.module import PretrainModule
 from domainlm.train.settings import RunSettings

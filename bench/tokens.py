@@ -19,7 +19,8 @@ from bench.common import commit, machine, table, write_section
 from bench.corpus import generate
 from domainlm.corpus.pipeline import build_corpus
 from domainlm.recipe import Recipe, load_recipe
-from domainlm.tokenizer.encode import available_cores, encode_tokens
+from domainlm.tokenizer.encode import available_cores
+from domainlm.tokenizer.tokens import encode_tokens
 from domainlm.tokenizer.train import train_tokenizer
 
 WORK = Path("build/bench/tokens")
@@ -51,8 +52,8 @@ def prepare(target_mb: float, cores: int) -> Recipe:
 
 
 def corpus_texts(recipe: Recipe) -> list[str]:
-    files = sorted(recipe.stage_dir("corpus").glob("train-*.parquet"))
-    files += sorted(recipe.stage_dir("corpus").glob("val-*.parquet"))
+    files = sorted(recipe.layout.corpus.glob("train-*.parquet"))
+    files += sorted(recipe.layout.corpus.glob("val-*.parquet"))
     return [t for f in files for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
 
 
@@ -84,7 +85,7 @@ def run(quick: bool = False) -> str:
     target = 20 if quick else 50
     recipe = prepare(target, cores)
     sp = spm.SentencePieceProcessor(
-        model_file=str(recipe.stage_dir("tokenizer") / "tokenizer.model")
+        model_file=str(recipe.layout.tokenizer_model)
     )
     texts = corpus_texts(recipe)
     with contextlib.redirect_stdout(io.StringIO()):

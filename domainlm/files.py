@@ -76,8 +76,14 @@ def read_json(path: str | Path) -> Any:
 
 
 class HashCache:
-    """Content hashes of input files, re-read only when a file's size or mtime changes, so
-    the up-to-date check of a large corpus takes a second rather than a full read."""
+    """Content hashes of input files, re-read only when a file's stamp changes, so the
+    up-to-date check of a large corpus takes a second rather than a full read.
+
+    The stamp is size, modification time, status-change time and inode, as git's index keeps
+    them: a program can set a file's mtime back after changing its content, but not its ctime,
+    which any write (and any utime) moves; a file replaced by another gets a new inode. A touch
+    only costs a re-read: the hash, and so every fingerprint, stays the same.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -89,13 +95,15 @@ class HashCache:
                 self.entries = {}
         self.dirty = False
 
+    digest = staticmethod(hash_file)
+
     def get(self, file: Path) -> str:
         st = file.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         key = str(file.resolve())
         hit = self.entries.get(key)
-        if hit and hit[:2] == stamp:
-            return hit[2]
+        if hit and hit[:-1] == stamp:
+            return hit[-1]
         digest = hash_file(file)
         self.entries[key] = [*stamp, digest]
         self.dirty = True

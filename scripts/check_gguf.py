@@ -22,8 +22,8 @@ import sentencepiece as spm
 import torch
 
 from domainlm.errors import UserError
-from domainlm.export.gguf_export import QTYPES, write_gguf
-from domainlm.export.hf import load_hf_folder
+from domainlm.model.gguf import QTYPES, write_gguf
+from domainlm.model.hf import load_hf_folder
 
 DEFAULT_PROMPT = "The function returns"
 

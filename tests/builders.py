@@ -85,7 +85,7 @@ def tiny_corpus() -> tuple[list[dict], list[dict]]:
 
 def small_config(**overrides):
     """A tiny decoder shape with grouped-query attention (4 query heads, 2 key/value heads)."""
-    from domainlm.model.config import LlamaConfig
+    from domainlm.recipe.model import LlamaConfig
 
     shape = dict(
         vocab_size=101,
@@ -136,7 +136,7 @@ def tiny_run(
     the recipe (e.g. model=..., train=...).
     """
     from domainlm.recipe import load_recipe
-    from domainlm.tokenizer.encode import encode_tokens
+    from domainlm.tokenizer.tokens import encode_tokens
     from domainlm.tokenizer.train import train_tokenizer
 
     build = root / "build"

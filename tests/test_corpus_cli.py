@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from domainlm.cli import main
 
 
+@pytest.mark.slow
 def test_demo_corpus_builds_then_does_nothing_on_rerun(tmp_path):
     data = yaml.safe_load(Path("recipes/demo.yaml").read_text())
     data["build_dir"] = str(tmp_path / "build")

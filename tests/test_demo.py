@@ -14,6 +14,8 @@ from domainlm.cli import main
 from domainlm.files import read_json
 from domainlm.recipe import load_recipe
 
+pytestmark = pytest.mark.slow  # end-to-end stages; `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def demo(demo_corpus, tmp_path_factory):
@@ -43,8 +45,8 @@ def test_tokenizer_tokens_plan_pretrain_chain(demo):
     out = run("plan", "--recipe", str(demo))
     assert "min on this machine" in out
 
-    plan = read_json(recipe.run_dir / "plan.json")
-    meta = read_json(recipe.stage_dir("tokens") / "meta.json")
+    plan = read_json(recipe.layout.plan)
+    meta = read_json(recipe.layout.tokens / "meta.json")
     minutes = data_minutes(demo)
     assert plan["budget"]["kind"] == "minutes" and plan["budget"]["minutes"] == minutes
     assert plan["data"]["checked"] and plan["data"]["unique_tokens"] == meta["train"]["tokens"]
@@ -57,8 +59,8 @@ def test_tokenizer_tokens_plan_pretrain_chain(demo):
     assert plan["shape"]["n_layers"] >= 2
 
     out = run("pretrain", "--recipe", str(demo), "--no-progress")
-    manifest = read_json(recipe.stage_dir("pretrain") / "manifest.json")
-    config = read_json(recipe.stage_dir("pretrain") / "model" / "config.json")
+    manifest = read_json(recipe.layout.pretrain / "manifest.json")
+    config = read_json(recipe.layout.pretrain_model / "config.json")
     assert config["hidden_size"] == plan["shape"]["d_model"]
     assert config["num_hidden_layers"] == plan["shape"]["n_layers"]
     assert manifest["settings"]["micro_batch"] == plan["strategy"]["micro_batch"]

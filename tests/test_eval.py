@@ -9,6 +9,7 @@ import random
 
 import pytest
 import sentencepiece as spm
+import sklearn.metrics as sklearn
 import torch
 import torch.nn.functional as F
 from builders import (
@@ -25,13 +26,13 @@ from torch import nn
 
 from domainlm.errors import UserError
 from domainlm.eval.fewshot import classify, continuation_ids, label_logprob, macro_f1
-from domainlm.eval.models import load_model
 from domainlm.eval.perplexity import perplexity_by_source
-from domainlm.export.gguf_export import write_gguf
-from domainlm.export.hf import save_hf_folder
-from domainlm.export.quantize import quantize_model, save_quantized
+from domainlm.model.gguf import write_gguf
+from domainlm.model.hf import save_hf_folder
 from domainlm.model.llama import Llama
+from domainlm.model.load import load_model
 from domainlm.model.peft import add_lora, prepare, save, save_lora
+from domainlm.model.quantized import quantize_model, save_quantized
 from domainlm.recipe.finetune import (
     AdapterConfig,
     FinetuneConfig,
@@ -306,6 +307,5 @@ def test_macro_f1_by_hand_and_against_sklearn():
     assert macro_f1(truth, pred, labels) == pytest.approx((4 / 6 + 2 / 4 + 4 / 6) / 3)
     # A label never true nor predicted scores 0.
     assert macro_f1(["a"], ["a"], ["a", "b"]) == pytest.approx(0.5)
-    sklearn = pytest.importorskip("sklearn.metrics")
     want = sklearn.f1_score(truth, pred, labels=labels, average="macro")
     assert macro_f1(truth, pred, labels) == pytest.approx(want)

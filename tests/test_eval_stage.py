@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from domainlm.cli import main
 from domainlm.errors import UserError
-from domainlm.eval.models import load_model
 from domainlm.eval.perplexity import perplexity_by_source
 from domainlm.eval.report import SECTIONS
 from domainlm.eval.stage import evaluate_run
+from domainlm.model.load import load_model
 from domainlm.recipe import load_recipe
 from domainlm.train.pretrain import pretrain
 
@@ -41,15 +41,15 @@ def test_eval_stage_writes_metrics_and_report_from_real_outputs(run):
     recipe = load_recipe(run)
     res = CliRunner().invoke(main, ["eval", "--recipe", str(run)])
     assert res.exit_code == 0, res.output
-    out = recipe.stage_dir("eval")
+    out = recipe.layout.eval
     metrics = json.loads((out / "metrics.json").read_text())
     report = (out / "report.md").read_text()
 
     # perplexity per source equals the function's, computed directly
-    model = load_model(recipe.stage_dir("pretrain") / "model")
+    model = load_model(recipe.layout.pretrain_model)
     with torch.no_grad():
-        direct = perplexity_by_source(model, recipe.stage_dir("tokenizer") / "tokenizer.model",
-                                      recipe.stage_dir("corpus"), 32, 32768)
+        direct = perplexity_by_source(model, recipe.layout.tokenizer_model,
+                                      recipe.layout.corpus, 32, 32768)
     assert list(metrics["perplexity"]) == ["base"]
     base = metrics["perplexity"]["base"]
     assert base["sources"].keys() == direct["sources"].keys() == {"grammar"}
@@ -73,7 +73,7 @@ def test_eval_stage_writes_metrics_and_report_from_real_outputs(run):
     assert metrics["quantization"] is None and metrics["plan"] is None
 
     # tokenizer and corpus figures come from their stages
-    tok = json.loads((recipe.stage_dir("tokenizer") / "report.json").read_text())
+    tok = json.loads((recipe.layout.tokenizer / "report.json").read_text())
     assert metrics["tokenizer"]["vocab_size"] == tok["model"]["vocab_size"]
     assert f"| vocabulary size | {tok['model']['vocab_size']:,} |" in report
     assert metrics["corpus"]["splits"] == {"train": 108, "val": 12}
@@ -85,7 +85,7 @@ def test_eval_stage_writes_metrics_and_report_from_real_outputs(run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"]({curve['plot']})" in report
     assert f"-> {curve['train/loss_last']:.4f}" in report
-    pre = json.loads((recipe.stage_dir("pretrain") / "manifest.json").read_text())
+    pre = json.loads((recipe.layout.pretrain / "manifest.json").read_text())
     assert metrics["pretrain"]["val_loss"] == pre["metrics"]["val_loss"]
     assert metrics["samples"][0]["text"] == pre["metrics"]["sample"]["text"]
     assert pre["metrics"]["sample"]["text"] in report

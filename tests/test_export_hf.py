@@ -10,21 +10,20 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+import transformers
 from builders import small_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 from textgen import document
 
 from domainlm.errors import UserError
-from domainlm.export.hf import load_hf_folder, save_hf_folder
-from domainlm.export.hf_tokenizer import write_tokenizer_files
-from domainlm.model.config import LlamaConfig
+from domainlm.model.hf import load_hf_folder, save_hf_folder
 from domainlm.model.llama import Llama
 from domainlm.recipe import TokenizerConfig
+from domainlm.recipe.model import LlamaConfig
 from domainlm.tokenizer import special
+from domainlm.tokenizer.hf_files import write_tokenizer_files
 from domainlm.tokenizer.train import trainer_options
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 512
 CHAT = special.chat_token_ids(special.DEFAULT_CHAT_TOKENS)

@@ -16,6 +16,9 @@ from click.testing import CliRunner
 from domainlm.cli import main
 from domainlm.files import read_json
 from domainlm.recipe import load_recipe
+from domainlm.train.module import PretrainModule
+
+pytestmark = pytest.mark.slow  # end-to-end stages; `make test-fast` skips them
 
 NOUNS = "report ledger audit meeting quarter market bond client invoice merger loan fund".split()
 GOOD = "good great strong solid excellent healthy positive fine stable superb".split()
@@ -96,29 +99,51 @@ def finetuned(tmp_path_factory):
         },
     )
     runner = CliRunner()
-    for args in (["pretrain"], ["finetune"]):
+    result = runner.invoke(
+        main, ["pretrain", "--recipe", str(recipe_path), "--no-progress"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    # Which modules train in training mode (dropout on), step by step, while fine-tuning.
+    original = PretrainModule.training_step
+
+    def spy(self, batch, batch_idx):
+        MODES.append(all(m.training for m in self.model.modules()))
+        return original(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PretrainModule, "training_step", spy)
         result = runner.invoke(
-            main, [*args, "--recipe", str(recipe_path), "--no-progress"], catch_exceptions=False
+            main, ["finetune", "--recipe", str(recipe_path), "--no-progress"],
+            catch_exceptions=False,
         )
-        assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output
     recipe = load_recipe(recipe_path)
     return recipe, result.output
 
 
+MODES: list[bool] = []
+
+
+def test_every_module_trains_in_training_mode(finetuned):
+    """A loaded base is in eval mode; fine-tuning once trained it so (Lightning warned "Found
+    242 module(s) in eval mode"), and LoRA's dropout never applied."""
+    assert len(MODES) > 6 and all(MODES)
+
+
 def test_counts_and_quarantine(finetuned):
     recipe, _ = finetuned
-    m = read_json(recipe.stage_dir("sft") / "manifest.json")
+    m = read_json(recipe.layout.sft / "manifest.json")
     c = m["counts"]["sentiment"]
     assert c["train"] + c["heldout"] == len(NOUNS) * (len(GOOD) + len(BAD))
     assert m["counts"]["quarantined"] == 2
-    rejected = (recipe.stage_dir("sft") / "rejected.jsonl").read_text().splitlines()
+    rejected = (recipe.layout.sft / "rejected.jsonl").read_text().splitlines()
     origins = sorted(json.loads(r)["origin"] for r in rejected)
     assert [o.rsplit(":", 1)[1] for o in origins] == ["10", "6"]  # 1-based lines, as sorted
 
 
 def test_every_method_prints_counts_and_saves_its_format(finetuned):
     recipe, output = finetuned
-    sft = recipe.stage_dir("sft")
+    sft = recipe.layout.sft
     for method in ("full", "lora", "qlora", "adapter", "prompt", "selective"):
         assert f"finetune: {method}: " in output and "trainable of" in output
     assert "4-bit base's linear layers take" in output
@@ -139,11 +164,11 @@ def test_every_method_prints_counts_and_saves_its_format(finetuned):
 
 def test_fine_tuning_beats_the_prompted_base_model(finetuned):
     recipe, _ = finetuned
-    m = read_json(recipe.stage_dir("sft") / "manifest.json")
+    m = read_json(recipe.layout.sft / "manifest.json")
     base = m["base"]["rougeL"]
     assert m["methods"]["full"]["rougeL"] > base + 0.2
     assert m["methods"]["lora"]["rougeL"] > base
-    report = (recipe.stage_dir("sft") / "report.md").read_text()
+    report = (recipe.layout.sft / "report.md").read_text()
     for name in ("base (prompted)", "full", "lora", "adapter", "prompt", "selective"):
         assert f"| {name} |" in report
 
@@ -151,12 +176,12 @@ def test_fine_tuning_beats_the_prompted_base_model(finetuned):
 def test_merged_lora_folder_equals_base_plus_adapter(finetuned):
     import torch
 
-    from domainlm.export.hf import load_hf_folder
+    from domainlm.model.hf import load_hf_folder
     from domainlm.model.peft.methods import load
 
     recipe, _ = finetuned
-    sft = recipe.stage_dir("sft")
-    base = load_hf_folder(recipe.stage_dir("pretrain") / "model")
+    sft = recipe.layout.sft
+    base = load_hf_folder(recipe.layout.pretrain_model)
     with_adapter = load(base, "lora", sft / "lora" / "model").eval()
     merged = load_hf_folder(sft / "lora-merged").eval()
     idx = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -189,7 +214,7 @@ def test_quantize_then_eval_fill_every_report_section(finetuned):
 
     recipe, _ = finetuned
     data = yaml.safe_load(recipe.path.read_text())
-    data["plan"] = {"max_epochs": 16}
+    data["plan"] = {"max_epochs": 16, "flops": 3e11}
     data["export"] = {
         "models": ["base", "lora-merged"],
         "formats": ["int8", "gguf-q8_0"],
@@ -199,22 +224,22 @@ def test_quantize_then_eval_fill_every_report_section(finetuned):
     path = recipe.path.with_name("tiny-eval.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     # The tiny model's shape is fixed in the recipe; a plan still shows planned vs trained.
-    for args in (["plan", "--flops", "3e11"], ["quantize"], ["eval"]):
+    for args in (["plan"], ["quantize"], ["eval"]):
         result = CliRunner().invoke(main, [*args, "--recipe", str(path)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    report = (recipe.stage_dir("eval") / "report.md").read_text()
+    report = (recipe.layout.eval / "report.md").read_text()
     for title in SECTIONS:
         assert title in report
     assert "not built" not in report
-    metrics = read_json(recipe.stage_dir("eval") / "metrics.json")
+    metrics = read_json(recipe.layout.eval / "metrics.json")
     assert {"base", "full", "lora-merged"} <= set(metrics["perplexity"])
 
 
 def test_eval_commands_score_any_model_folder(finetuned, tmp_path):
     """`domainlm eval generate|fewshot|perplexity` on the fine-tuned and base folders."""
     from domainlm.eval.fewshot import classify
-    from domainlm.eval.models import load_model
     from domainlm.eval.tasks import tokenizer_for
+    from domainlm.model.load import load_model
 
     recipe, _ = finetuned
     rng = random.Random(3)
@@ -233,8 +258,8 @@ def test_eval_commands_score_any_model_folder(finetuned, tmp_path):
     shots, data = tmp_path / "shots.jsonl", tmp_path / "data.jsonl"
     shots.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows[:40]))
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows[40:60]))
-    full = recipe.stage_dir("sft") / "full" / "model"
-    base = recipe.stage_dir("pretrain") / "model"
+    full = recipe.layout.sft / "full" / "model"
+    base = recipe.layout.pretrain_model
 
     def run(*args):
         result = CliRunner().invoke(main, ["eval", *args, "--json"], catch_exceptions=False)
@@ -267,8 +292,8 @@ def test_eval_commands_score_any_model_folder(finetuned, tmp_path):
     ppl = run("perplexity", "-m", str(base), "--recipe", str(recipe.path))
     from domainlm.eval.perplexity import perplexity_by_source
 
-    tok = recipe.stage_dir("tokenizer") / "tokenizer.model"
-    other = perplexity_by_source(load_model(base), tok, recipe.stage_dir("corpus"), 16)
+    tok = recipe.layout.tokenizer_model
+    other = perplexity_by_source(load_model(base), tok, recipe.layout.corpus, 16)
     # Every validation token counted once, whatever the window length.
     assert ppl["overall"]["tokens"] == other["overall"]["tokens"] > 0
     assert ppl["overall"]["bytes"] == other["overall"]["bytes"]

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+import transformers
 import zstandard
 from builders import sentencepiece_model, small_config
 from conftest import write_jsonl
@@ -33,8 +34,8 @@ from domainlm.finetune.sft_data import (
     mix,
     steps_for,
 )
-from domainlm.finetune.templates import BUILTIN, Template, load_template
 from domainlm.model.llama import Llama
+from domainlm.tokenizer.templates import BUILTIN, Template, load_template
 
 IGNORE = -100
 CONVERSATION = [
@@ -241,8 +242,7 @@ def test_template_name_errors():
 
 
 def test_transformers_renders_our_templates_exactly(sp, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from domainlm.export.hf_tokenizer import write_tokenizer_files
+    from domainlm.tokenizer.hf_files import write_tokenizer_files
 
     chat = load_template("chat")
     model = Path(tmp_path / "tokenizer.model")
@@ -349,6 +349,7 @@ def _module(e: Example) -> str:
     return e.origin.split(":", 1)[1].rsplit(".", 1)[0]  # top-level names hold no dot
 
 
+@pytest.mark.slow
 def test_demo_set_is_deterministic_split_by_module_and_capped(demo_set):
     train, held = demo_set
     assert python_docs_examples(0.1, 2000, 200, 0) == (train, held)

@@ -17,23 +17,23 @@ from torch import nn
 
 from domainlm.cli import main
 from domainlm.errors import UserError
-from domainlm.export.hf import load_hf_folder, save_hf_folder
-from domainlm.finetune.templates import ALPACA
-from domainlm.model.config import LlamaConfig
-from domainlm.model.llama import Llama
-from domainlm.model.peft import LoRALinear, PromptTuned, add_lora, load_lora, save_lora
-from domainlm.recipe.finetune import LoRAConfig
-from domainlm.serve import (
+from domainlm.model.decode import (
     ContextError,
-    Engine,
     ParamError,
     SamplingParams,
-    UnknownModel,
     complete,
+    generate,
     stream,
     top_p_filter,
 )
+from domainlm.model.hf import load_hf_folder, save_hf_folder
+from domainlm.model.llama import Llama
+from domainlm.model.peft import LoRALinear, PromptTuned, add_lora, load_lora, save_lora
+from domainlm.recipe.finetune import LoRAConfig
+from domainlm.recipe.model import LlamaConfig
+from domainlm.serve import Engine, UnknownModel
 from domainlm.tokenizer.special import EOS_ID
+from domainlm.tokenizer.templates import ALPACA
 
 VOCAB = 320  # builders.sentencepiece_model's size
 PROMPTS = ["The quarterly ledger", "Prices rose", ""]
@@ -95,7 +95,7 @@ def test_greedy_with_the_cache_equals_without_and_equals_llama_generate(engine, 
         assert with_cache.completion_tokens == without.completion_tokens
         # The model's own decoding loop (tested against transformers) picks the same ids.
         ids = torch.tensor([engine.sp.encode(prompt) or [EOS_ID]])
-        out = reference.generate(ids, 40, eos_id=EOS_ID)[0, ids.size(1):].tolist()
+        out = generate(reference, ids, 40, eos_id=EOS_ID)[0, ids.size(1):].tolist()
         assert with_cache.token_ids == out[: len(with_cache.token_ids)]
 
 
@@ -168,7 +168,7 @@ def test_prompt_tuned_models_spend_context_on_their_virtual_tokens(engine):
     cached = stream(tuned, engine.sp, ids, greedy(40))
     text = "".join(cached)
     assert text == complete(tuned, engine.sp, ids, greedy(40, use_cache=False)).text
-    assert cached.token_ids == tuned.generate(torch.tensor([ids]), 40, eos_id=EOS_ID)[
+    assert cached.token_ids == generate(tuned, torch.tensor([ids]), 40, eos_id=EOS_ID)[
         0, len(ids): len(ids) + len(cached.token_ids)].tolist()
     assert stream(tuned, engine.sp, ids * 10, greedy(40)).prompt_tokens == 64 - 8 - 40
     with pytest.raises(ParamError, match="at most 55"):
@@ -201,7 +201,7 @@ def test_engine_names_and_errors(engine, models):
         engine.generate("c", "x")
     with pytest.raises(UserError, match="already taken"):
         Engine(models[0], {"base": models[1]["a"]})
-    with pytest.raises(UserError, match="missing"):
+    with pytest.raises(UserError, match="does not exist"):
         Engine(models[0].parent / "nowhere")
 
 

@@ -9,16 +9,13 @@ import sys
 
 import pytest
 import torch
+from builders import sentencepiece_model, tiny_model
+from lm_eval.api.instance import Instance
 
-lm_eval = pytest.importorskip("lm_eval")
-
-from builders import sentencepiece_model, tiny_model  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from domainlm.eval.harness import DomainLM  # noqa: E402
-from domainlm.export.hf import save_hf_folder  # noqa: E402
-from domainlm.tokenizer.special import EOS_ID  # noqa: E402
-from domainlm.train.finish import evaluate  # noqa: E402
+from domainlm.eval.harness import DomainLM
+from domainlm.model.evaluate import evaluate_windows
+from domainlm.model.hf import save_hf_folder
+from domainlm.tokenizer.special import EOS_ID
 
 TEXT = "the market closed higher on strong earnings and the bank raised its outlook"
 
@@ -84,8 +81,7 @@ def test_rolling_short_text_equals_direct_sum_and_our_evaluator(lm):
     (ll,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", text)])
     assert ll == pytest.approx(float(token_logprobs(lm.model, ids).sum()), abs=1e-4)
     x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-    mean = evaluate(lm.model, [(x, y)], micro_batch=1, device=torch.device("cpu"))
-    assert ll == pytest.approx(-mean * y.numel(), abs=1e-3)
+    assert ll == pytest.approx(-evaluate_windows(lm.model, [(x, y)], micro_batch=1).nats, abs=1e-3)
 
 
 def test_rolling_long_text_matches_our_validation_windows(lm):
@@ -102,8 +98,9 @@ def test_rolling_long_text_matches_our_validation_windows(lm):
         (torch.tensor(ids[a : a + L]), torch.tensor(ids[a + 1 : a + L + 1]))
         for a in range(0, len(ids) - 1, L)
     ]
-    mean = evaluate(lm.model, windows, micro_batch=1, device=torch.device("cpu"))
-    assert ll == pytest.approx(-mean * (len(ids) - 1), abs=1e-3)
+    loss = evaluate_windows(lm.model, windows, micro_batch=1)
+    assert loss.tokens == len(ids) - 1
+    assert ll == pytest.approx(-loss.nats, abs=1e-3)
 
 
 def test_rolling_stride_scores_every_token_once_with_the_context_that_fits(folder):
@@ -176,6 +173,7 @@ def check_results(res, lm):
     assert res["acc,none"] == pytest.approx(sum(g for _, g in direct) / len(DOCS))
 
 
+@pytest.mark.slow
 def test_simple_evaluate_on_a_local_task(folder, tmp_path, lm):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -191,6 +189,7 @@ def test_simple_evaluate_on_a_local_task(folder, tmp_path, lm):
     check_results(out["results"]["domainlm_tiny"], lm)
 
 
+@pytest.mark.slow
 def test_command_line_resolves_model_domainlm(folder, tmp_path, lm):
     """`domainlm-lm-eval` (here `python -m domainlm.eval.harness`) is lm-eval's CLI."""
     out = tmp_path / "out"

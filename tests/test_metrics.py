@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from domainlm.eval.metrics import exact_match, normalize, rouge
+from domainlm.metrics import exact_match, normalize, rouge
 
 PAIRS = [
     ("the cat sat on the mat", "the cat lay on the mat"),
@@ -48,13 +48,13 @@ def test_exact_match_normalizes_case_space_and_surrounding_punctuation():
 def test_bleu_equals_sacrebleu_corpus_bleu():
     import sacrebleu
 
-    from domainlm.eval.metrics import bleu
+    from domainlm.metrics import bleu
 
     refs, preds = zip(*PAIRS, strict=True)
     expected = sacrebleu.corpus_bleu(list(preds), [list(refs)]).score
-    assert bleu(list(refs), list(preds)) == pytest.approx(expected, abs=1e-12)
+    assert bleu(list(refs), list(preds)) == pytest.approx(expected / 100, abs=1e-12)
     same = "return the absolute value of a number"
-    assert bleu([same], [same]) == pytest.approx(100.0)
+    assert bleu([same], [same]) == pytest.approx(1.0)
 
 
 def test_eval_metrics_cli_prints_the_reference_packages_numbers():
@@ -74,8 +74,9 @@ def test_eval_metrics_cli_prints_the_reference_packages_numbers():
     scores = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(
         ref, pred
     )
-    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu([pred], [[ref]]).score)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu([pred], [[ref]]).score / 100)
     for key in ("rouge1", "rouge2", "rougeL"):
         assert got[key] == pytest.approx(scores[key].fmeasure)
+    assert all(0 <= v <= 1 for v in got.values())  # one scale for every metric
     unpaired = CliRunner().invoke(main, ["eval", "metrics", "-r", "a", "-r", "b", "-p", "a"])
     assert unpaired.exit_code == 2 and "in pairs" in unpaired.output

@@ -6,14 +6,17 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from builders import logits_of, random_tokens, sentencepiece_model, tiny_model
 from safetensors.torch import load_file
 
 from domainlm.errors import UserError
-from domainlm.export.hf import save_hf_folder
+from domainlm.model.decode import generate
+from domainlm.model.hf import save_hf_folder
 from domainlm.model.llama import Llama
 from domainlm.model.peft import (
     LoRALinear,
@@ -253,7 +256,6 @@ def exported(tmp_path_factory):
     folder = save_hf_folder(base, tokenizer, root / "base")
 
     def hf_model():
-        transformers = pytest.importorskip("transformers")
         return transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="eager"
         ).eval()
@@ -275,7 +277,6 @@ def exported(tmp_path_factory):
     ids=["qv", "rslora-rest"],
 )
 def test_peft_loads_our_lora_with_the_same_logits(exported, tmp_path, cfg) -> None:
-    peft = pytest.importorskip("peft")
     base, folder, _, hf_model = exported
     ours = copy.deepcopy(base)
     add_lora(ours, cfg)
@@ -292,7 +293,6 @@ def test_peft_loads_our_lora_with_the_same_logits(exported, tmp_path, cfg) -> No
 
 
 def test_we_load_a_lora_saved_by_peft_with_the_same_logits(exported, tmp_path) -> None:
-    peft = pytest.importorskip("peft")
     base, _, _, hf_model = exported
     config = peft.LoraConfig(
         r=4,
@@ -318,7 +318,6 @@ def test_we_load_a_lora_saved_by_peft_with_the_same_logits(exported, tmp_path) -
 
 
 def test_peft_loads_our_prompt_with_the_same_logits(exported, tmp_path) -> None:
-    peft = pytest.importorskip("peft")
     base, folder, _, hf_model = exported
     ours = PromptTuned(copy.deepcopy(base), 6, seed=2)
     save_prompt(ours, tmp_path / "prompt", base_model=str(folder))
@@ -364,7 +363,7 @@ def test_fresh_adapters_change_nothing_and_follow_a_deep_copy(tmp_path) -> None:
     with torch.no_grad():
         torch.nn.init.normal_(attn.model.layers[0].attn_adapter.up.weight)
     assert torch.equal(
-        attn.generate(idx, 5, use_cache=True), attn.generate(idx, 5, use_cache=False)
+        generate(attn, idx, 5, use_cache=True), generate(attn, idx, 5, use_cache=False)
     )
     # A copy's hooks call the copy's adapters, not the original's.
     twin = copy.deepcopy(model)
@@ -420,16 +419,16 @@ def test_prompt_generate_with_and_without_cache_agree() -> None:
     with torch.no_grad():
         torch.nn.init.normal_(module.prompt_embeddings)  # a prompt that changes the output
     idx = tokens(length=6)
-    cached = module.generate(idx, 10, use_cache=True)
-    assert torch.equal(cached, module.generate(idx, 10, use_cache=False))
-    assert not torch.equal(cached, module.base.generate(idx, 10))
+    cached = generate(module, idx, 10, use_cache=True)
+    assert torch.equal(cached, generate(module, idx, 10, use_cache=False))
+    assert not torch.equal(cached, generate(module.base, idx, 10))
     # Greedy: each new token is the argmax of forward's last logits.
     for t in range(6, 16):
         assert torch.equal(logits(module, cached[:, :t])[:, -1].argmax(-1), cached[:, t])
     # The virtual tokens take positions: 5 + 6 + 53 > 64.
-    module.generate(idx, 53)
+    generate(module, idx, 53)
     with pytest.raises(ValueError, match="virtual tokens"):
-        module.generate(idx, 54)
+        generate(module, idx, 54)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,14 @@ from click.testing import CliRunner
 
 from domainlm.cli import main
 from domainlm.errors import UserError
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama
 from domainlm.plan import hardware, memory, scaling
-from domainlm.plan.run import default_global_batch_tokens, make_plan, run_plan
+from domainlm.plan.build import default_global_batch_tokens, make_plan
+from domainlm.plan.record import Plan
+from domainlm.plan.run import run_plan
 from domainlm.plan.shape import ShapeError, count_params, search_shape, standard_ffn
 from domainlm.recipe import load_recipe
+from domainlm.recipe.model import LlamaConfig
 
 # Hoffmann et al. 2022, Table 3 (approach 1): parameters, FLOPs, tokens. Typed in from the
 # paper here, independently of the copy the planner fits its law to.
@@ -70,9 +71,7 @@ def fake_probe(monkeypatch):
     def probe_model(shape, micro_batch, seq_len, precision="bf16-mixed", checkpointing=False):
         # Smaller models are slower per parameter, as on a real CPU: 25 GFLOP/s at 1M params.
         calls.append(shape)
-        params = shape["vocab_size"] * shape["d_model"] + shape["n_layers"] * 12 * shape[
-            "d_model"
-        ] ** 2
+        params = shape.vocab_size * shape.d_model + shape.n_layers * 12 * shape.d_model**2
         return 25e9 * min(2.0, (params / 1e6) ** 0.25), 3
 
     monkeypatch.setattr(hardware, "probe", probe)
@@ -81,7 +80,7 @@ def fake_probe(monkeypatch):
 
 
 def write_tokens(recipe, train: int, vocab: int = 8192) -> Path:
-    meta = recipe.stage_dir("tokens") / "meta.json"
+    meta = recipe.layout.tokens / "meta.json"
     meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(
         json.dumps(
@@ -191,13 +190,13 @@ def _real_params(shape, device: str = "cpu") -> int:
 )
 def test_exact_count_equals_a_real_model(target, vocab, tie):
     shape = search_shape(target, vocab, tie_embeddings=tie)
-    assert _real_params(shape) == shape.params
+    assert _real_params(shape) == shape.num_params()
 
 
 def test_exact_count_of_a_large_gqa_model_on_the_meta_device():
     shape = search_shape(7e9, 32000, tie_embeddings=False)
     assert shape.n_kv_heads < shape.n_heads and shape.head_dim == 128
-    assert _real_params(shape, "meta") == shape.params
+    assert _real_params(shape, "meta") == shape.num_params()
 
 
 def test_count_formula_by_hand():
@@ -218,7 +217,7 @@ def test_shapes_within_5_percent_and_usual_proportions(vocab, tie):
             assert vocab * 128 * (1 if tie else 2) > target * 0.5
             target *= 1.37
             continue
-        assert abs(shape.params / target - 1) <= 0.05
+        assert abs(shape.num_params() / target - 1) <= 0.05
         d = shape.d_model
         assert d % 64 == 0 and shape.n_heads * shape.head_dim == d
         assert shape.head_dim == (128 if d >= 2048 else 64)
@@ -281,7 +280,7 @@ def test_memory_model_equals_real_tensors(recipe, precision):
     r = recipe({"gpu": "a10g", "seq_len": 32}, tokenizer={"vocab_size": 512})
     plan = make_plan(r, {"flops": 3e13})
     shape = search_shape(plan["target_params"], 512, max_seq_len=32)
-    assert shape.params == plan["params"]
+    assert shape.num_params() == plan["params"]
     weights, grads, states = _train_one_step(shape, precision)
     model = memory.state_bytes(plan["params"], precision, "ddp", devices=1)
     assert (model.weights, model.grads, model.optimizer) == (weights, grads, states)
@@ -377,28 +376,25 @@ def test_minutes_budget_uses_the_probe_and_yields_a_tiny_model(recipe, fake_prob
 
 
 def test_the_model_probe_times_a_real_training_step():
-    shape = {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 1, "n_kv_heads": 1}
-    t = time.perf_counter()
-    rate, steps = hardware.probe_model({**shape, "ffn_dim": 192}, 2, 64)
-    assert time.perf_counter() - t < 6.0
-    assert rate > 1e7 and steps >= 2
+    shape = LlamaConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=1, n_kv_heads=1,
+                        ffn_dim=192)
+    rate, steps = hardware.probe_model(shape, 2, 64)
+    assert rate > 1e7 and 2 <= steps <= 20
 
 
-def test_the_probe_is_fast_and_measures_something():
-    t = time.perf_counter()
+def test_the_probe_measures_something():
     p = hardware.probe()
-    assert time.perf_counter() - t < 3.0
     assert p.flops_per_s > 1e8 and p.steps >= 1 and p.memory_bytes > 0
 
 
 def test_a_stored_probe_is_reused_on_the_same_machine(recipe, fake_probe, capsys):
     r = recipe({"minutes": 30}, tokenizer={"vocab_size": 2048})
     run_plan(r, {})
-    mtime = (r.run_dir / "plan.json").stat().st_mtime_ns
+    mtime = (r.layout.plan).stat().st_mtime_ns
     calls = len(fake_probe)
     run_plan(r, {})
     assert len(fake_probe) == calls  # neither probe ran again
-    assert (r.run_dir / "plan.json").stat().st_mtime_ns == mtime  # unchanged, not rewritten
+    assert (r.layout.plan).stat().st_mtime_ns == mtime  # unchanged, not rewritten
     run_plan(r, {}, force=True)
     assert fake_probe.count(1) == 2 and len(fake_probe) > calls + 1
 
@@ -496,16 +492,29 @@ REQUIRED |= {"strategy", "hours", "law", "fit", "data_constrained", "budget"}
 
 
 def test_json_output_is_one_object_and_plan_json_is_written(recipe, capsys):
-    r = recipe()
-    plan = run_plan(r, {"gpu": "h100", "gpus": 8, "hours": 24.0, "mfu": 0.4}, as_json=True)
+    r = recipe({"gpu": "h100", "gpus": 8, "hours": 24.0, "mfu": 0.4})
+    plan = run_plan(r, {}, as_json=True)
     printed = json.loads(capsys.readouterr().out)
     assert REQUIRED <= set(printed)
     assert printed == json.loads(json.dumps(plan))
-    stored = json.loads((r.run_dir / "plan.json").read_text())
+    stored = json.loads((r.layout.plan).read_text())
     assert {k: stored[k] for k in printed} == printed
-    assert stored["inputs"]["overrides"]["gpu"] == "h100" and "torch" in stored["versions"]
+    assert stored["parameters"]["plan"]["gpu"] == "h100" and "torch" in stored["versions"]
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         assert isinstance(printed["shape"][key], int)
+
+
+def test_a_what_if_question_leaves_the_runs_plan_as_it_is(recipe, capsys):
+    """`domainlm plan --flops 1.27e26` answers the question; the next `make pretrain` still
+    trains the model of the recipe's budget (it once trained the question's model)."""
+    r = recipe({"gpu": "h100", "gpus": 8, "hours": 24.0, "mfu": 0.4})
+    run_plan(r, {})
+    before = r.layout.plan.read_bytes()
+    asked = run_plan(r, {"flops": 1.27e26})
+    assert "what-if: not written" in capsys.readouterr().out
+    assert r.layout.plan.read_bytes() == before
+    assert asked["params"] > 10 * json.loads(before)["params"]
+    assert Plan.read(r.layout.plan).shape.num_params() == json.loads(before)["params"]
 
 
 def test_readable_output(recipe, capsys):
@@ -542,7 +551,7 @@ def test_cli_plan(tmp_path, monkeypatch):
     ok = runner.invoke(main, ["plan", "-r", "r.yaml", "--flops", "1e20", "--gpu", "h100", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["budget"]["kind"] == "flops"
-    assert (tmp_path / "build" / "r" / "plan.json").exists()
+    assert not (tmp_path / "build" / "r" / "plan.json").exists()  # a question writes nothing
     bad = runner.invoke(main, ["plan", "-r", "r.yaml", "--gpu", "h1000", "--hours", "2"])
     assert bad.exit_code == 2
     assert "unknown gpu 'h1000'" in bad.output and "Traceback" not in bad.output

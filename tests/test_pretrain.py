@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from builders import grammar_corpus, tiny_run
 
 from domainlm.errors import UserError
 from domainlm.files import read_json
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama
 from domainlm.recipe import TrainConfig, load_recipe
+from domainlm.recipe.model import LlamaConfig
 from domainlm.train import optim
 from domainlm.train.pretrain import pretrain
 from domainlm.train.settings import resolve
@@ -64,7 +65,6 @@ def run_root(tmp_path_factory) -> Path:
 
 def recipe_copy(root: Path, name: str, **train) -> Path:
     """A recipe sharing the tiny run's build folder under a new run name (stages copied)."""
-    import shutil
 
     base = yaml.safe_load((root / "tiny.yaml").read_text())
     base["name"] = name
@@ -104,13 +104,14 @@ def trained(run_root):
     return recipe, manifest
 
 
+@pytest.mark.slow
 def test_loss_falls_below_the_unigram_baseline(trained):
     recipe, manifest = trained
     m = manifest["metrics"]
     assert m["steps"] == STEPS and m["tokens"] == STEPS * 4 * 32
     assert m["val_loss"] < m["unigram_baseline"] - 0.3
     assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
-    steps = losses(recipe.run_dir)
+    steps = losses(recipe.layout.root)
     assert sorted(steps) == list(range(STEPS))  # one logged loss per optimizer step
     assert steps[STEPS - 1] < steps[0] - 1.0
     assert m["sample"]["text"].startswith("The")
@@ -118,7 +119,7 @@ def test_loss_falls_below_the_unigram_baseline(trained):
 
 def test_logs_and_checkpoints_are_written(trained):
     recipe, _ = trained
-    out = recipe.stage_dir("pretrain")
+    out = recipe.layout.pretrain
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     header = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
     for key in ("train/loss", "train/lr", "val/loss", "val/ppl", "val/bpb", "perf/tokens_per_s"):
@@ -128,15 +129,14 @@ def test_logs_and_checkpoints_are_written(trained):
 
 
 def test_export_loads_in_transformers_with_equal_logits(trained):
-    transformers = pytest.importorskip("transformers")
     recipe, _ = trained
-    folder = recipe.stage_dir("pretrain") / "model"
+    folder = recipe.layout.pretrain_model
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.model"} <= (
         names
     )
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ckpt = torch.load(recipe.stage_dir("pretrain") / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(recipe.layout.pretrain / "checkpoints" / "last.ckpt", weights_only=True)
     config = LlamaConfig(**ckpt["hyper_parameters"]["config"])
     ours = Llama(config).eval()
     ours.load_state_dict(
@@ -150,7 +150,7 @@ def test_export_loads_in_transformers_with_equal_logits(trained):
 
 def test_a_second_run_is_up_to_date(trained, capsys):
     recipe, manifest = trained
-    model = recipe.stage_dir("pretrain") / "model" / "model.safetensors"
+    model = recipe.layout.pretrain_model / "model.safetensors"
     mtime = model.stat().st_mtime_ns
     again = pretrain(recipe, progress=False)
     assert "up to date" in capsys.readouterr().out
@@ -169,10 +169,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_the_same_losses(run_root, trained):
-    reference = losses(trained[0].run_dir)
+    reference = losses(trained[0].layout.root)
     recipe = recipe_copy(run_root, "killed")
-    run_dir = load_recipe(recipe).run_dir
+    run_dir = load_recipe(recipe).layout.root
     proc = cli(recipe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(run_dir / "pretrain" / "checkpoints" / "step-step=000010.ckpt", proc)
     proc.send_signal(signal.SIGKILL)
@@ -191,10 +192,11 @@ def test_resume_after_kill_9_gives_the_same_losses(run_root, trained):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_resumes_exactly(run_root, trained):
-    reference = losses(trained[0].run_dir)
+    reference = losses(trained[0].layout.root)
     recipe = recipe_copy(run_root, "interrupted", ckpt_every=1000)
-    run_dir = load_recipe(recipe).run_dir
+    run_dir = load_recipe(recipe).layout.root
     proc = cli(recipe, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = run_dir / "pretrain" / "logs" / "metrics.csv"
     t = time.time()
@@ -228,6 +230,13 @@ def test_changed_recipe_discards_stale_checkpoints(run_root, trained, capsys):
 # ----------------------------------------------------------------------------- distributed
 
 
+# Micro-batches of 2 and of 4 take different CPU matmul paths: float32 rounding then grows
+# through Adam's early steps to about 4e-5 (relative) by step 10, the same for DDP and for
+# accumulation. A wrong data split or gradient average moves the loss by about 1e-2.
+REL = 1e-4
+
+
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_equals_one_process(run_root):
     # float32, so that the comparison is of the data split and the gradient averaging, not
     # of bf16 rounding (which differs with the batch's shape).
@@ -247,15 +256,15 @@ def test_ddp_on_two_cpu_processes_equals_one_process(run_root):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    manifest = read_json(load_recipe(recipe).stage_dir("pretrain") / "manifest.json")
+    manifest = read_json(load_recipe(recipe).layout.pretrain / "manifest.json")
     assert manifest["settings"]["world_size"] == 2 and manifest["settings"]["strategy"] == "ddp"
-    both = losses(load_recipe(recipe).run_dir)
+    both = losses(load_recipe(recipe).layout.root)
     # The same 12 global batches of 4 sequences, split over two processes, give the losses of
     # one process with micro-batch 4 (the same schedule, over 12 steps).
     assert sorted(both) == list(range(12))
     reference = _single_process(run_root)
     for step in range(12):
-        assert both[step] == pytest.approx(reference[step], rel=2e-5), step
+        assert both[step] == pytest.approx(reference[step], rel=REL), step
 
 
 def test_gradient_accumulation_equals_the_larger_micro_batch(run_root):
@@ -273,23 +282,23 @@ def test_gradient_accumulation_equals_the_larger_micro_batch(run_root):
         )
     )
     pretrain(recipe, progress=False)
-    accumulated = losses(recipe.run_dir)
+    accumulated = losses(recipe.layout.root)
     assert sorted(accumulated) == list(range(12))
     for step in range(12):
-        assert accumulated[step] == pytest.approx(reference[step], rel=2e-5), step
+        assert accumulated[step] == pytest.approx(reference[step], rel=REL), step
     # The end of the run is checkpointed even when it is not a multiple of ckpt_every.
-    last = torch.load(recipe.stage_dir("pretrain") / "checkpoints" / "last.ckpt", weights_only=True)
+    last = torch.load(recipe.layout.pretrain / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 12
 
 
-@pytest.mark.skipif(not shutil.which("cc"), reason="torch.compile on a CPU needs a C compiler")
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(run_root):
     reference = _single_process(run_root)
     recipe = load_recipe(
         recipe_copy(run_root, "compiled", tokens=4 * 32 * 12, precision="32-true", compile=True)
     )
     pretrain(recipe, progress=False)
-    compiled = losses(recipe.run_dir)
+    compiled = losses(recipe.layout.root)
     for step in range(12):
         assert compiled[step] == pytest.approx(reference[step], rel=1e-4), step
 
@@ -304,7 +313,7 @@ def _single_process(run_root: Path) -> dict[int, float]:
         recipe_copy(run_root, "single", tokens=4 * 32 * 12, precision="32-true")
     )
     pretrain(recipe, progress=False)
-    _SINGLE[run_root] = losses(recipe.run_dir)
+    _SINGLE[run_root] = losses(recipe.layout.root)
     return _SINGLE[run_root]
 
 

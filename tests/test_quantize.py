@@ -13,17 +13,18 @@ from builders import logits_of, random_tokens, sentencepiece_model, tiny_model
 from safetensors.torch import load_file
 
 from domainlm.errors import UserError
-from domainlm.export import quantize
-from domainlm.export.hf import save_hf_folder
-from domainlm.export.quantize import (
+from domainlm.model import quantized as quantize
+from domainlm.model.decode import generate
+from domainlm.model.hf import save_hf_folder
+from domainlm.model.peft import LoRALinear, load, load_lora, prepare, save
+from domainlm.model.peft.qlora import base_memory_bytes
+from domainlm.model.quantized import (
     QuantLinear,
     load_quantized,
     model_bytes,
     quantize_model,
     save_quantized,
 )
-from domainlm.model.peft import LoRALinear, load, load_lora, prepare, save
-from domainlm.model.peft.qlora import base_memory_bytes
 from domainlm.recipe.finetune import FinetuneConfig, LoRAConfig, QLoRAConfig
 
 VOCAB = 320  # builders.sentencepiece_model's size, so the models here can be saved
@@ -146,8 +147,8 @@ def test_quantized_model_logits_and_generation() -> None:
     assert model_bytes(q4) < model_bytes(q8) < fp32 - BLOCK_WEIGHTS * 4 * 0.7
     # Greedy generation with the KV cache equals the uncached one.
     for model in (q8, q4):
-        cached = model.generate(idx[:, :5], 8, use_cache=True)
-        assert torch.equal(cached, model.generate(idx[:, :5], 8, use_cache=False))
+        cached = generate(model, idx[:, :5], 8, use_cache=True)
+        assert torch.equal(cached, generate(model, idx[:, :5], 8, use_cache=False))
     # In bf16 a cached step (two rows) goes through the CPU kernels: logits as the reference's.
     for bits in (8, 4):
         model = quantize_model(build().bfloat16(), bits, GS)
@@ -161,7 +162,7 @@ def test_quantized_model_logits_and_generation() -> None:
             finally:
                 QuantLinear.use_kernel = True
         assert rel_err(step.float(), reference.float()) < 0.02
-        assert model.generate(idx[:, :5], 8).shape == (2, 13)
+        assert generate(model, idx[:, :5], 8).shape == (2, 13)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -262,6 +263,6 @@ def test_qlora_trains_the_adapter_over_a_bit_identical_4bit_base(tmp_path, token
     trained_effect = trained - logits(quantized_base, idx)
     assert adapter_effect.abs().max() > 1e-3  # the adapter changes the float model...
     assert rel_err(adapter_effect, trained_effect) < 0.2  # ...much as it did the 4-bit one
-    assert on_float.generate(idx[:1, :4], 6).shape == (1, 10)
+    assert generate(on_float, idx[:1, :4], 6).shape == (1, 10)
     load_lora(quantized_base, tmp_path / "qlora")
     assert (logits(quantized_base, idx) - trained).abs().max() <= 1e-5

@@ -29,7 +29,7 @@ corpus:
 def test_demo_recipe_loads_with_documented_defaults():
     r = load_recipe("recipes/demo.yaml")
     assert r.name == "demo"
-    assert r.run_dir == Path("build/demo")
+    assert r.layout.root == Path("build/demo")
     assert r.corpus.sources[0].kind == "python-docs"
     assert r.corpus.dedup.shingle == 5
 
@@ -129,3 +129,39 @@ def test_every_stage_field_is_documented(section: str, page: str) -> None:
     doc = Path(page).read_text(encoding="utf-8")
     for f in dataclasses.fields(getattr(r, section)):
         assert f"`{f.name}`" in doc, f"{section}.{f.name} is not in {page}"
+
+
+def _recipe_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key a recipe can set, dotted (list items as `key[].field`)."""
+    import dataclasses
+    import typing
+
+    from domainlm.recipe import Recipe
+
+    cls = cls or Recipe
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("loader") or f.metadata.get("recipe", True) is False:
+            continue
+        key = f"{prefix}{f.name}"
+        tp, args = hints[f.name], typing.get_args(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            keys += _recipe_keys(tp, f"{key}.")
+        elif typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            keys += [key, *_recipe_keys(args[0], f"{key}[].")]
+        else:
+            keys.append(key)
+    return keys
+
+
+def test_every_recipe_field_is_in_docs_recipes_md():
+    """recipes/demo.yaml sends its readers to docs/recipes.md for every field."""
+    from domainlm.recipe import Recipe
+
+    assert "docs/recipes.md" in Path("recipes/demo.yaml").read_text(encoding="utf-8")
+    doc = Path("docs/recipes.md").read_text(encoding="utf-8")
+    keys = _recipe_keys(Recipe)
+    assert len(keys) > 140
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing, f"not in docs/recipes.md: {missing}"

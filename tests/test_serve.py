@@ -9,13 +9,13 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from test_generate import make_models
 
-from domainlm.serve import Engine, SamplingParams
+from domainlm.model.decode import SamplingParams
+from domainlm.serve import Engine
 from domainlm.serve.server import make_server
-
-openai = pytest.importorskip("openai")
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A ledger?"}]
 

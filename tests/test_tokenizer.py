@@ -22,7 +22,8 @@ from domainlm.files import hash_file, read_json
 from domainlm.recipe import load_recipe
 from domainlm.tokenizer import special
 from domainlm.tokenizer.report import Doc, evaluate
-from domainlm.tokenizer.train import _pick, _scan, train_tokenizer
+from domainlm.tokenizer.sample import pick, scan
+from domainlm.tokenizer.train import train_tokenizer
 
 _recipe_numbers = itertools.count()
 
@@ -61,7 +62,7 @@ def trained(tiny):
 
 def _sp(recipe) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(
-        model_file=str(recipe.stage_dir("tokenizer") / "tokenizer.model")
+        model_file=str(recipe.layout.tokenizer_model)
     )
 
 
@@ -70,15 +71,16 @@ def _sp(recipe) -> spm.SentencePieceProcessor:
 
 def test_outputs_manifest_and_report(trained):
     recipe, manifest = trained
-    out = recipe.stage_dir("tokenizer")
+    out = recipe.layout.tokenizer
     for name in ("tokenizer.model", "tokenizer.vocab", "report.json", "report.md"):
         assert (out / name).exists()
         assert manifest["outputs"][name]["hash"] == hash_file(out / name)
     assert read_json(out / "manifest.json") == manifest
     assert not (out / ".work").exists()
     assert manifest["vocab_size"] == 384
-    assert manifest["inputs"]["files"]["train-00000.parquet"]
-    assert manifest["parameters"]["sentencepiece"]["normalization_rule_name"] == "identity"
+    train = recipe.layout.corpus / "train-00000.parquet"
+    assert manifest["inputs"]["corpus/train-00000.parquet"]["hash"] == hash_file(train)
+    assert manifest["options"]["normalization_rule_name"] == "identity"
     assert manifest["versions"]["sentencepiece"] == spm.__version__
     assert set(manifest["run"]["seconds"]) >= {"sample", "train", "evaluate", "total"}
 
@@ -184,7 +186,7 @@ def test_sample_is_by_hash_capped_and_skips_copies(tmp_path):
     write_split(b, rows[50:])
 
     def origins(paths, max_docs, max_chars, seed=1):
-        picked, seen = _pick(_scan(paths, seed, "t"), max_docs, max_chars)
+        picked, seen = pick(scan(paths, seed, "t"), max_docs, max_chars)
         table = [pq.read_table(p).to_pylist() for p in paths]
         return {table[f][r]["origin"]: n for (f, r), n in picked.items()}, seen
 
@@ -204,7 +206,7 @@ def test_sample_is_by_hash_capped_and_skips_copies(tmp_path):
 
 def test_rerun_is_up_to_date_and_changes_retrain(tiny, trained, capsys):
     recipe, manifest = trained
-    out = recipe.stage_dir("tokenizer")
+    out = recipe.layout.tokenizer
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     capsys.readouterr()
     again = train_tokenizer(recipe)
@@ -214,7 +216,7 @@ def test_rerun_is_up_to_date_and_changes_retrain(tiny, trained, capsys):
 
     # Another build folder, so the shared model above stays as it is.
     other = tiny(build_dir=out.parent.parent / "other")
-    shutil.copytree(recipe.stage_dir("corpus"), other.stage_dir("corpus"))
+    shutil.copytree(recipe.layout.corpus, other.layout.corpus)
     first = train_tokenizer(other, progress=False)
     changed = tiny(build_dir=other.build_dir, split_digits=False)
     second = train_tokenizer(changed, progress=False)
@@ -227,9 +229,9 @@ def test_rerun_is_up_to_date_and_changes_retrain(tiny, trained, capsys):
 def test_two_builds_give_byte_identical_models(tiny, trained, tmp_path):
     recipe, manifest = trained
     other = tiny(build_dir=tmp_path / "elsewhere")
-    shutil.copytree(recipe.stage_dir("corpus"), other.stage_dir("corpus"))
+    shutil.copytree(recipe.layout.corpus, other.layout.corpus)
     again = train_tokenizer(other, progress=False)
-    a, b = recipe.stage_dir("tokenizer"), other.stage_dir("tokenizer")
+    a, b = recipe.layout.tokenizer, other.layout.tokenizer
     for name in ("tokenizer.model", "tokenizer.vocab", "report.json", "report.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert again["fingerprint"] == manifest["fingerprint"]
@@ -240,11 +242,11 @@ def test_two_builds_give_byte_identical_models(tiny, trained, tmp_path):
 
 def test_auto_vocab_chooses_fewest_bits_and_skips_unreachable(tiny, tmp_path, capsys):
     recipe = tiny(build_dir=tmp_path, vocab_size="auto", candidates=[320, 384, 448, 60032, 65536])
-    shutil.copytree(tiny().stage_dir("corpus"), recipe.stage_dir("corpus"))
+    shutil.copytree(tiny().layout.corpus, recipe.layout.corpus)
     manifest = train_tokenizer(recipe)
     printed = capsys.readouterr().out
     assert "[1/5] training" in printed and "chose vocab" in printed
-    report = read_json(recipe.stage_dir("tokenizer") / "report.json")
+    report = read_json(recipe.layout.tokenizer / "report.json")
     curve = {c["vocab_size"]: c for c in report["vocab_curve"]}
     assert [c["status"] for c in report["vocab_curve"]] == [
         "trained", "trained", "trained", "skipped", "skipped",
@@ -259,12 +261,12 @@ def test_auto_vocab_chooses_fewest_bits_and_skips_unreachable(tiny, tmp_path, ca
         assert c["bits"] == round(c["tokens"] * math.log2(v))
         assert c["bytes_per_token"] == round(c["bytes"] / c["tokens"], 4)
     assert report["eval"]["round_trip"]["failures"] == 0
-    assert "Vocabulary size" in (recipe.stage_dir("tokenizer") / "report.md").read_text()
+    assert "Vocabulary size" in (recipe.layout.tokenizer / "report.md").read_text()
 
 
 def test_bpe_trains_and_round_trips(tiny, tmp_path):
     recipe = tiny(build_dir=tmp_path, type="bpe", vocab_size=448)
-    shutil.copytree(tiny().stage_dir("corpus"), recipe.stage_dir("corpus"))
+    shutil.copytree(tiny().layout.corpus, recipe.layout.corpus)
     manifest = train_tokenizer(recipe, progress=False)
     assert manifest["vocab_size"] == 448
     assert manifest["counts"]["round_trip_failures"] == 0
@@ -285,14 +287,14 @@ def test_missing_corpus_is_one_line_error(tiny, tmp_path):
 
 def test_bad_vocab_sizes_are_user_errors(tiny, tmp_path):
     recipe = tiny(build_dir=tmp_path)
-    shutil.copytree(tiny().stage_dir("corpus"), recipe.stage_dir("corpus"))
+    shutil.copytree(tiny().layout.corpus, recipe.layout.corpus)
     recipe.tokenizer.vocab_size = 1000  # the loader refuses this; code-built recipes too
     with pytest.raises(UserError, match="multiple of 64"):
         train_tokenizer(recipe, progress=False)
     recipe.tokenizer.vocab_size = 60032
     with pytest.raises(UserError, match=r"vocab_size: 60032 is too high.*at most \d+"):
         train_tokenizer(recipe, progress=False)
-    assert not (recipe.stage_dir("tokenizer") / "manifest.json").exists()
+    assert not (recipe.layout.tokenizer / "manifest.json").exists()
 
 
 # ----------------------------------------------------------------------------- the demo corpus
@@ -306,9 +308,9 @@ def test_demo_corpus_every_validation_document_round_trips(demo_corpus):
     path.write_text(yaml.safe_dump(data))
     recipe = load_recipe(path)
     manifest = train_tokenizer(recipe, progress=False)
-    report = read_json(recipe.stage_dir("tokenizer") / "report.json")
+    report = read_json(recipe.layout.tokenizer / "report.json")
     val_docs = sum(
-        pq.read_metadata(p).num_rows for p in recipe.stage_dir("corpus").glob("val-*.parquet")
+        pq.read_metadata(p).num_rows for p in recipe.layout.corpus.glob("val-*.parquet")
     )
     ev = report["eval"]
     assert ev["docs"] == val_docs > 10  # every validation document (fewer than eval_docs)
@@ -320,6 +322,6 @@ def test_demo_corpus_every_validation_document_round_trips(demo_corpus):
     sp = _sp(recipe)
     # Indentation is learnt as whitespace-only pieces, not one piece per space.
     assert len(sp.encode("        return None")) <= 4
-    for doc in pq.read_table(recipe.stage_dir("corpus") / "train-00000.parquet").to_pylist()[:50]:
+    for doc in pq.read_table(recipe.layout.corpus / "train-00000.parquet").to_pylist()[:50]:
         assert sp.decode(sp.encode(doc["text"])) == doc["text"]
-    assert json.loads((recipe.stage_dir("tokenizer") / "report.json").read_text()) == report
+    assert json.loads((recipe.layout.tokenizer / "report.json").read_text()) == report

@@ -24,8 +24,9 @@ from domainlm.errors import UserError
 from domainlm.files import hash_file, write_json
 from domainlm.tokenizer import encode as encode_mod
 from domainlm.tokenizer.arrays import TokenArrays
-from domainlm.tokenizer.encode import choose_dtype, encode_tokens
+from domainlm.tokenizer.encode import choose_dtype
 from domainlm.tokenizer.special import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from domainlm.tokenizer.tokens import encode_tokens
 
 OUTPUTS = ["train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "meta.json"]
 COLUMNS = ["id", "text", "source", "origin", "license", "created", "meta"]
@@ -86,7 +87,7 @@ def _write_split(out: Path, split: str, files: list[tuple[list[str], list[int]]]
 def _build_inputs(recipe, sp_model: Path) -> dict[str, list[str]]:
     """A corpus stage output (two train files with up-sampled repeats, one val file) and a
     finished tokenizer stage; returns the texts of each split in order."""
-    out = recipe.stage_dir("corpus")
+    out = recipe.layout.corpus
     out.mkdir(parents=True)
     a, b, v = _texts(1, 40), _texts(2, 25), _texts(3, 12)
     # Repeats of earlier documents, as the mixer writes them (`copy` 1 and 2).
@@ -95,7 +96,7 @@ def _build_inputs(recipe, sp_model: Path) -> dict[str, list[str]]:
     listed = _write_split(out, "train", [(a, [0] * len(a)), (b_rows, b_copy)])
     listed.update(_write_split(out, "val", [(v, [0] * len(v))]))
     write_json(out / "manifest.json", {"stage": "corpus", "outputs": listed})
-    tok = recipe.stage_dir("tokenizer")
+    tok = recipe.layout.tokenizer
     tok.mkdir(parents=True)
     shutil.copy(sp_model, tok / "tokenizer.model")
     write_json(tok / "manifest.json", {"stage": "tokenizer"})
@@ -114,7 +115,7 @@ def setup(make_recipe, sp_model, tmp_path):
 
 
 def _outputs(recipe) -> dict[str, bytes]:
-    out = recipe.stage_dir("tokens")
+    out = recipe.layout.tokens
     return {name: (out / name).read_bytes() for name in OUTPUTS}
 
 
@@ -134,14 +135,14 @@ def test_arrays_decode_back_to_the_documents_with_eos_between(setup, sp_model):
         assert all(arr.document(i, eos=True)[-1] == eos for i in range(arr.num_docs))
         for i, text in enumerate(texts[split]):
             assert sp.decode(arr.document(i).tolist()) == text
-    raw = np.fromfile(recipe.stage_dir("tokens") / "val.bin", dtype="<u2")
+    raw = np.fromfile(recipe.layout.tokens / "val.bin", dtype="<u2")
     assert raw.tolist() == TokenArrays.from_recipe(recipe, "val").tokens.tolist()
 
 
 def test_meta_counts(setup, sp_model):
     recipe, texts = setup()
     m = encode_tokens(recipe, progress=False, chunk_rows=10)
-    out = recipe.stage_dir("tokens")
+    out = recipe.layout.tokens
     meta = json.loads((out / "meta.json").read_text())
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == sp.get_piece_size() == 320
@@ -174,7 +175,7 @@ def test_meta_counts(setup, sp_model):
 def test_an_empty_validation_split(make_recipe, tmp_path, sp_model):
     recipe = make_recipe({"corpus": {"sources": [{"name": "s", "path": str(tmp_path)}]}})
     _build_inputs(recipe, sp_model)
-    corpus = recipe.stage_dir("corpus")
+    corpus = recipe.layout.corpus
     manifest = json.loads((corpus / "manifest.json").read_text())
     manifest["outputs"].update(_write_split(corpus, "val", [([], [])]))
     write_json(corpus / "manifest.json", manifest)
@@ -196,7 +197,7 @@ def test_dtype_choice_and_the_uint32_path(setup):
     assert m["parameters"]["dtype"] == "uint32"
     arr = TokenArrays.from_recipe(recipe)
     assert arr.tokens.dtype == np.dtype("<u4") and arr.tokens.tolist() == small
-    assert (recipe.stage_dir("tokens") / "train.bin").stat().st_size == 4 * len(small)
+    assert (recipe.layout.tokens / "train.bin").stat().st_size == 4 * len(small)
 
 
 class _Interrupt(Exception):
@@ -206,7 +207,7 @@ class _Interrupt(Exception):
 _KILL_AFTER_THREE = """
 import os, signal, sys
 from domainlm.recipe import load_recipe
-from domainlm.tokenizer.encode import encode_tokens
+from domainlm.tokenizer.tokens import encode_tokens
 
 done = []
 
@@ -239,7 +240,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup, how, monke
         with pytest.raises(_Interrupt):
             encode_tokens(recipe, progress=False, chunk_rows=10, method=method, workers=2,
                           on_chunk=stop_after_three)
-    out = recipe.stage_dir("tokens")
+    out = recipe.layout.tokens
     assert not (out / "manifest.json").exists()
     (progress,) = (out / ".partial").glob("*/progress.json")
     # The three chunks reported done, and any already queued for writing when it stopped.
@@ -279,14 +280,14 @@ def test_deterministic_across_runs_methods_workers_and_batches(setup, monkeypatc
 def test_idempotent_and_reencodes_when_an_input_changes(setup, capsys, sp_model):
     recipe, _ = setup()
     m1 = encode_tokens(recipe, progress=False)
-    out = recipe.stage_dir("tokens")
+    out = recipe.layout.tokens
     stamp = (out / "train.bin").stat().st_mtime_ns
     capsys.readouterr()
     m2 = encode_tokens(recipe, progress=False)
     assert "up to date" in capsys.readouterr().out
     assert m2 == m1 and (out / "train.bin").stat().st_mtime_ns == stamp
     # A changed tokenizer is a new input.
-    tok = recipe.stage_dir("tokenizer") / "tokenizer.model"
+    tok = recipe.layout.tokenizer_model
     model = spm.SentencePieceProcessor(model_file=str(tok))
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_texts(5, 100)), model_prefix=str(tok.with_suffix("")),
@@ -313,12 +314,12 @@ def test_missing_inputs_name_the_make_target(make_recipe, tmp_path, sp_model):
     with pytest.raises(UserError, match="make corpus"):
         encode_tokens(recipe, progress=False)
     _build_inputs(recipe, sp_model)
-    (recipe.stage_dir("tokenizer") / "manifest.json").unlink()
+    (recipe.layout.tokenizer / "manifest.json").unlink()
     with pytest.raises(UserError, match="make tokenizer"):
         encode_tokens(recipe, progress=False)
     # A model without eos, or with eos elsewhere, cannot separate documents as training expects.
-    write_json(recipe.stage_dir("tokenizer") / "manifest.json", {"stage": "tokenizer"})
-    prefix = str(recipe.stage_dir("tokenizer") / "tokenizer")
+    write_json(recipe.layout.tokenizer / "manifest.json", {"stage": "tokenizer"})
+    prefix = str(recipe.layout.tokenizer / "tokenizer")
     for eos in (-1, 5):
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(_texts(5, 100)), model_prefix=prefix, vocab_size=400,
@@ -326,11 +327,11 @@ def test_missing_inputs_name_the_make_target(make_recipe, tmp_path, sp_model):
         )
         with pytest.raises(UserError, match="make tokenizer"):
             encode_tokens(recipe, progress=False)
-    shutil.rmtree(recipe.stage_dir("tokenizer"))
+    shutil.rmtree(recipe.layout.tokenizer)
     with pytest.raises(UserError, match="make tokenizer"):
         encode_tokens(recipe, progress=False)
     # A corpus file changed behind the corpus stage's back.
-    corpus = recipe.stage_dir("corpus")
+    corpus = recipe.layout.corpus
     pq.write_table(pa.table({"text": ["edited"]}), corpus / "val-00000.parquet")
     with pytest.raises(UserError, match="make corpus"):
         encode_tokens(recipe, progress=False)
@@ -346,6 +347,6 @@ def test_cli(setup):
     assert TokenArrays.from_recipe(recipe).num_docs == len(texts["train"])
     res = CliRunner().invoke(cli, ["tokens", "--recipe", str(recipe.path)])
     assert res.exit_code == 0 and "up to date" in res.output
-    shutil.rmtree(recipe.stage_dir("corpus"))
+    shutil.rmtree(recipe.layout.corpus)
     res = CliRunner().invoke(cli, ["tokens", "--recipe", str(recipe.path)])
     assert res.exit_code == 2 and "make corpus" in res.output

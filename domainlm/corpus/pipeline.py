@@ -29,8 +29,9 @@ from domainlm.corpus.shardwork import (
     process_shard,
 )
 from domainlm.errors import UserError
-from domainlm.files import HashCache, hash_json, read_json, versions, write_json
+from domainlm.files import HashCache
 from domainlm.recipe import Recipe, merged, section_dict
+from domainlm.stage import Stage, run_stage
 
 # Bump when the corpus-wide steps change their output for the same inputs.
 ASSEMBLE_VERSION = 1
@@ -138,39 +139,48 @@ def _pair(tasks: list[ShardTask], results):
         yield by_key[res.task_key], res
 
 
+def _stage(recipe: Recipe, tasks: list[ShardTask]) -> Stage:
+    """The corpus stage for the runner: every shard (and eval set) by content, and the settings."""
+    c = recipe.corpus
+    inputs: dict[str, Path | str] = {
+        t.rel: (Path(t.path) if t.kind == "file" else t.content_hash) for t in tasks
+    }
+    inputs |= {f"decontaminate/{i}": Path(f) for i, f in enumerate(c.decontaminate.files)}
+    # Every setting but the number of processes, which changes the speed, never the bytes.
+    corpus = {k: v for k, v in section_dict(c).items() if k != "workers"}
+    params = {"seed": recipe.seed, "corpus": corpus, "cache_version": CACHE_VERSION}
+    return Stage(
+        "corpus",
+        recipe.layout.manifest("corpus"),
+        inputs,
+        params,
+        ASSEMBLE_VERSION,
+        hashes=recipe.layout.hashes,
+    )
+
+
 def build_corpus(
     recipe: Recipe, force: bool = False, workers: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Build build/<run>/corpus/ from the recipe; returns the manifest."""
+    hashes = HashCache(recipe.layout.hashes)
+    tasks = plan_tasks(recipe, hashes)
+    hashes.save()
+    return run_stage(
+        _stage(recipe, tasks),
+        lambda _: _build(recipe, tasks, force, workers, progress),
+        force=force,
+    )
+
+
+def _build(
+    recipe: Recipe, tasks: list[ShardTask], force: bool, workers: int | None, progress: bool
+) -> dict[str, Any]:
+    """The stage's work: process the pending shards, assemble, write; the manifest's entries."""
     t_start = time.perf_counter()
     c = recipe.corpus
-    out = recipe.stage_dir("corpus")
-    cache_root = out / ".cache"
-    shard_cache = cache_root / "shards"
-    hashes = HashCache(cache_root / "hashes.json")
-    tasks = plan_tasks(recipe, hashes)
-    global_settings = {
-        "dedup": section_dict(c.dedup),
-        "val_fraction": c.val_fraction,
-        "weights": {s.name: s.weight for s in c.sources},
-        "sources": [s.name for s in c.sources],
-        "docs_per_output_shard": c.docs_per_output_shard,
-        "on_bad_shard": c.on_bad_shard,
-        "seed": recipe.seed,
-    }
-    fingerprint = hash_json(
-        [ASSEMBLE_VERSION, CACHE_VERSION, [t.key for t in tasks], global_settings]
-    )
-    manifest_path = out / "manifest.json"
-    if not force and manifest_path.exists():
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint:
-            hashes.save()
-            click.echo(f"corpus: up to date ({manifest_path}); nothing to do")
-            return old
-    if manifest_path.exists():
-        manifest_path.unlink()  # the stage is incomplete until a new manifest is written
-
+    out = recipe.layout.corpus
+    shard_cache = out / ".cache" / "shards"
     pending = [t for t in tasks if force or cached_stats(shard_cache, t.key) is None]
     reused = [t for t in tasks if t not in pending]
     n_workers = workers if workers is not None else (c.workers or os.cpu_count() or 1)
@@ -227,15 +237,8 @@ def build_corpus(
     outputs = write_outputs(recipe, out, result, rejected, stats, counts, tasks)
     t_write = time.perf_counter() - t_write
 
-    manifest = {
-        "stage": "corpus",
-        "recipe": str(recipe.path),
-        "fingerprint": fingerprint,
-        "inputs": [
-            {"source": t.source, "path": t.rel, "hash": t.content_hash, "bytes": t.size}
-            for t in tasks
-        ],
-        "parameters": {"seed": recipe.seed, "corpus": section_dict(c)},
+    entries = {
+        "shard_bytes": {t.rel: t.size for t in tasks if t.kind == "file"},
         "counts": counts,
         "mix": {k: dataclasses.asdict(v) for k, v in result.mix.items()},
         "shards": {
@@ -254,13 +257,10 @@ def build_corpus(
                 "total": round(time.perf_counter() - t_start, 3),
             },
         },
-        "versions": versions(),
     }
-    write_json(manifest_path, manifest)
-    hashes.save()
     _collect_garbage(shard_cache, {t.key for t in tasks})
-    _summary(manifest, out)
-    return manifest
+    _summary(entries, out)
+    return entries
 
 
 def _bad_shard_stats(t: ShardTask) -> dict[str, Any]:
@@ -304,7 +304,7 @@ def _summary(manifest: dict[str, Any], out: Path) -> None:
 
 
 def load_manifest(recipe: Recipe) -> dict[str, Any]:
-    p = recipe.stage_dir("corpus") / "manifest.json"
+    p = recipe.layout.manifest("corpus")
     if not p.exists():
         raise UserError(f"{p} is missing: run `make corpus RECIPE={recipe.path}` first")
     return json.loads(p.read_text(encoding="utf-8"))

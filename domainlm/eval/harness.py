@@ -26,8 +26,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from domainlm.errors import UserError
-from domainlm.export.hf import load_hf_folder
-from domainlm.serve.generate import SamplingParams, complete
+from domainlm.model.decode import SamplingParams, complete
+from domainlm.model.hf import load_hf_folder
 from domainlm.tokenizer.special import EOS_ID, PAD_ID
 
 DEFAULT_GEN_TOKS = 256

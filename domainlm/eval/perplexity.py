@@ -14,16 +14,14 @@ of the nats (they are what ends a document) but add no bytes.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from domainlm.errors import UserError
+from domainlm.model.evaluate import Loss, evaluate_stream
 from domainlm.tokenizer.special import EOS_ID
 
 
@@ -72,47 +70,8 @@ def source_streams(
     return out
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def stream_nats(model: nn.Module, ids: np.ndarray, seq_len: int, micro_batch: int = 8) -> float:
-    """Sum of next-token losses (nats) of ids[1:] given their window's context (see the module
-    docstring: full windows of seq_len targets, then the shorter rest)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be at least 1, not {seq_len}")
-    model.eval()
-    device = _device(model)
-    tokens = torch.from_numpy(ids)
-    targets = len(ids) - 1
-    full = targets // seq_len
-    starts = [i * seq_len for i in range(full)]
-    total = 0.0
-    for b in range(0, full, micro_batch):
-        w = torch.stack([tokens[a : a + seq_len + 1] for a in starts[b : b + micro_batch]])
-        total += _window_nats(model, w.to(device))
-    if targets % seq_len:
-        total += _window_nats(model, tokens[full * seq_len :].unsqueeze(0).to(device))
-    return total
-
-
-def _window_nats(model: nn.Module, windows: torch.Tensor) -> float:
-    logits = model(windows[:, :-1])[0]
-    y = windows[:, 1:]
-    return float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-
-
-def _summary(tokens: int, nats: float, n_bytes: int, docs: int) -> dict:
-    return {
-        "documents": docs,
-        "tokens": tokens,
-        "bytes": n_bytes,
-        "nats": nats,
-        "loss": nats / tokens if tokens else float("nan"),
-        "ppl": math.exp(nats / tokens) if tokens else float("nan"),
-        "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else float("nan"),
-    }
+def _summary(loss: Loss, docs: int) -> dict:
+    return {"documents": docs, **loss.to_dict()}
 
 
 def perplexity_by_source(
@@ -140,13 +99,11 @@ def perplexity_by_source(
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     streams = source_streams(read_val(corpus_dir), sp, max_tokens)
     sources = {}
+    losses = {}
     for source, (ids, docs, n_bytes) in streams.items():
-        nats = stream_nats(model, ids, seq_len, micro_batch)
-        sources[source] = _summary(len(ids) - 1, nats, n_bytes, docs)
+        losses[source] = evaluate_stream(model, ids, seq_len, micro_batch, n_bytes)
+        sources[source] = _summary(losses[source], docs)
     overall = _summary(
-        sum(s["tokens"] for s in sources.values()),
-        sum(s["nats"] for s in sources.values()),
-        sum(s["bytes"] for s in sources.values()),
-        sum(s["documents"] for s in sources.values()),
+        sum(losses.values(), Loss(0.0, 0, 0)), sum(s["documents"] for s in sources.values())
     )
     return {"seq_len": seq_len, "max_tokens": max_tokens, "sources": sources, "overall": overall}

@@ -5,31 +5,21 @@ builds it; nothing is typed in)."""
 from __future__ import annotations
 
 import csv
-import math
+import dataclasses
 import time
 from pathlib import Path
 
 import click
 
 from domainlm.errors import UserError
-from domainlm.files import hash_json, read_json, versions, write_json, write_text
+from domainlm.files import read_json, write_json, write_text
+from domainlm.model.evaluate import Loss
 from domainlm.recipe import Recipe
+from domainlm.stage import Stage, file_inputs, run_stage
 
 STAGE_VERSION = 1
 MAX_TOKENS = 32768  # validation tokens scored per source and model
 CURVES = ("train/loss", "val/loss")
-
-
-def model_folders(recipe: Recipe) -> dict[str, Path]:
-    """The full (not adapter) models that exist: base, then each fine-tuned one."""
-    sft = recipe.stage_dir("sft")
-    candidates = {
-        "base": recipe.stage_dir("pretrain") / "model",
-        "full": sft / "full" / "model",
-        "selective": sft / "selective" / "model",
-        "lora-merged": sft / "lora-merged",
-    }
-    return {k: p for k, p in candidates.items() if (p / "config.json").is_file()}
 
 
 def _json(path: Path) -> dict | None:
@@ -47,27 +37,35 @@ def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: v for k, v in curves.items() if v}
 
 
-def _inputs(recipe: Recipe, folders: dict[str, Path]) -> list:
-    run = recipe.run_dir
+def eval_stage(recipe: Recipe, folders: dict[str, Path], max_tokens: int) -> Stage:
+    """The stage: every manifest, log and model file the report reads, the validation split."""
+    layout = recipe.layout
     files = [
-        run / "corpus" / "manifest.json",
-        run / "tokenizer" / "report.json",
-        run / "plan.json",
-        run / "pretrain" / "manifest.json",
-        run / "pretrain" / "logs" / "metrics.csv",
-        run / "sft" / "manifest.json",
-        run / "export" / "manifest.json",
-        *sorted((run / "sft").glob("*/logs/metrics.csv")),
+        *sorted(layout.corpus.glob("val-*.parquet")),
+        layout.manifest("corpus"),
+        layout.tokenizer / "report.json",
+        layout.tokenizer_model,
+        layout.plan,
+        layout.manifest("pretrain"),
+        layout.pretrain / "logs" / "metrics.csv",
+        layout.manifest("finetune"),
+        layout.manifest("quantize"),
+        *sorted(layout.sft.glob("*/logs/metrics.csv")),
+        *[p for folder in folders.values() for p in sorted(folder.iterdir())],
     ]
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
-    for name, folder in folders.items():
-        stats += [(name, p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in sorted(folder.iterdir()) if p.is_file()]
-    return stats
+    return Stage(
+        "eval",
+        layout.manifest("eval"),
+        file_inputs([p for p in files if p.is_file()], layout.root),
+        {"max_tokens": max_tokens, "eval": dataclasses.asdict(recipe.eval)},
+        STAGE_VERSION,
+        outputs=[layout.eval / "metrics.json", layout.eval / "report.md"],
+        hashes=layout.hashes,
+    )
 
 
 def _corpus(recipe: Recipe) -> dict | None:
-    m = _json(recipe.stage_dir("corpus") / "manifest.json")
+    m = _json(recipe.layout.manifest("corpus"))
     if m is None:
         return None
     splits = {"train": 0, "val": 0}
@@ -95,7 +93,7 @@ def _corpus(recipe: Recipe) -> dict | None:
 
 
 def _tokenizer(recipe: Recipe) -> dict | None:
-    r = _json(recipe.stage_dir("tokenizer") / "report.json")
+    r = _json(recipe.layout.tokenizer / "report.json")
     if r is None:
         return None
     ev = r.get("eval", {})
@@ -111,7 +109,7 @@ def _tokenizer(recipe: Recipe) -> dict | None:
 
 
 def _plan(recipe: Recipe, pre: dict | None) -> dict | None:
-    plan = _json(recipe.run_dir / "plan.json")
+    plan = _json(recipe.layout.plan)
     if plan is None:
         return None
     planned = {
@@ -135,8 +133,8 @@ def _plan(recipe: Recipe, pre: dict | None) -> dict | None:
 def _curves(recipe: Recipe, out: Path) -> dict:
     from domainlm.eval.report import plot_curves
 
-    logs = {"pretrain": recipe.stage_dir("pretrain") / "logs" / "metrics.csv"}
-    for p in sorted(recipe.stage_dir("sft").glob("*/logs/metrics.csv")):
+    logs = {"pretrain": recipe.layout.pretrain / "logs" / "metrics.csv"}
+    for p in sorted(recipe.layout.sft.glob("*/logs/metrics.csv")):
         logs[f"finetune {p.parent.parent.name}"] = p
     result = {}
     for name, path in logs.items():
@@ -160,10 +158,10 @@ def _perplexity(recipe: Recipe, folders: dict[str, Path], pre: dict | None, max_
                 say) -> dict:
     import torch
 
-    from domainlm.eval.models import load_model
     from domainlm.eval.perplexity import perplexity_by_source
+    from domainlm.model.load import load_model
 
-    tok = recipe.stage_dir("tokenizer") / "tokenizer.model"
+    tok = recipe.layout.tokenizer_model
     result = {}
     for name, folder in folders.items():
         model = load_model(folder)
@@ -173,7 +171,7 @@ def _perplexity(recipe: Recipe, folders: dict[str, Path], pre: dict | None, max_
         t = time.time()
         with torch.no_grad():
             result[name] = perplexity_by_source(
-                model, tok, recipe.stage_dir("corpus"), seq_len, max_tokens
+                model, tok, recipe.layout.corpus, seq_len, max_tokens
             )
         result[name]["groups"] = groups(result[name]["sources"], recipe.eval.general_sources)
         say(f"eval: {name}: perplexity {result[name]['overall']['ppl']:.3f} "
@@ -190,18 +188,11 @@ def groups(sources: dict[str, dict], general: list[str]) -> dict[str, dict]:
     ):
         if not names:
             continue
-        tokens = sum(sources[s]["tokens"] for s in names)
-        nbytes = sum(sources[s]["bytes"] for s in names)
-        nats = sum(sources[s]["nats"] for s in names)
-        out[group] = {
-            "sources": names,
-            "tokens": tokens,
-            "bytes": nbytes,
-            "nats": nats,
-            "loss": nats / max(tokens, 1),
-            "ppl": math.exp(nats / max(tokens, 1)),
-            "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
-        }
+        loss = sum(
+            (Loss(sources[s]["nats"], sources[s]["tokens"], sources[s]["bytes"]) for s in names),
+            Loss(0.0, 0, 0),
+        )
+        out[group] = {"sources": names, **loss.to_dict()}
     return out
 
 
@@ -221,32 +212,29 @@ def _samples(pre: dict | None, sft: dict | None) -> list[dict]:
 
 def evaluate_run(recipe: Recipe, *, force: bool = False, max_tokens: int = MAX_TOKENS) -> dict:
     """Write build/<run>/eval/ (metrics.json, report.md, plots/); returns the metrics."""
+    layout = recipe.layout
+    if not layout.manifest("corpus").is_file():
+        raise UserError(f"{layout.corpus} is not built: run `make corpus "
+                        f"RECIPE={recipe.path}` first")
+    folders = layout.models()
+    if folders and not layout.tokenizer_model.is_file():
+        raise UserError("the tokenizer is not built: run `make tokenizer` first")
+    stage = eval_stage(recipe, folders, max_tokens)
+    run_stage(stage, lambda _: _evaluate(recipe, folders, max_tokens), force=force)
+    return read_json(layout.eval / "metrics.json")
+
+
+def _evaluate(recipe: Recipe, folders: dict[str, Path], max_tokens: int) -> dict:
+    """The stage's work: every section of metrics.json, the report and the plots."""
     from domainlm.eval.report import render
 
     say = click.echo
-    out = recipe.stage_dir("eval")
-    if not (recipe.stage_dir("corpus") / "manifest.json").is_file():
-        raise UserError(f"{recipe.stage_dir('corpus')} is not built: run `make corpus "
-                        f"RECIPE={recipe.path}` first")
-    folders = model_folders(recipe)
-    fingerprint = hash_json(
-        [STAGE_VERSION, max_tokens, recipe.eval.general_sources, _inputs(recipe, folders)]
-    )
-    manifest_path = out / "manifest.json"
-    if not force and manifest_path.exists():
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint:
-            say(f"eval: up to date ({manifest_path}); nothing to do")
-            return read_json(out / "metrics.json")
-    if manifest_path.exists():
-        manifest_path.unlink()
-
+    layout = recipe.layout
+    out = layout.eval
     t_start = time.time()
-    pre = _json(recipe.stage_dir("pretrain") / "manifest.json")
-    sft = _json(recipe.stage_dir("sft") / "manifest.json")
-    export = _json(recipe.stage_dir("export") / "manifest.json")
-    if folders and not (recipe.stage_dir("tokenizer") / "tokenizer.model").is_file():
-        raise UserError("the tokenizer is not built: run `make tokenizer` first")
+    pre = _json(layout.manifest("pretrain"))
+    sft = _json(layout.manifest("finetune"))
+    export = _json(layout.manifest("quantize"))
     metrics = {
         "run": recipe.name,
         "corpus": _corpus(recipe),
@@ -268,13 +256,6 @@ def evaluate_run(recipe: Recipe, *, force: bool = False, max_tokens: int = MAX_T
     }
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", render(recipe, metrics))
-    write_json(manifest_path, {
-        "stage": "eval",
-        "fingerprint": fingerprint,
-        "outputs": ["metrics.json", "report.md",
-                    *[c["plot"] for c in metrics["curves"].values()]],
-        "seconds": round(time.time() - t_start, 1),
-        "versions": versions(),
-    })
     say(f"eval: wrote {out}/ (report.md, metrics.json) in {time.time() - t_start:.1f}s")
-    return metrics
+    return {"outputs": ["metrics.json", "report.md",
+                        *[c["plot"] for c in metrics["curves"].values()]]}

@@ -37,33 +37,38 @@ def read_records(path: Path, fields: tuple[str, ...]) -> list[dict]:
 
 
 def tokenizer_for(model_path: Path, recipe: Recipe | None):
-    """The SentencePiece model beside the model, else the recipe's trained tokenizer."""
+    """(SentencePiece processor, its model file): the model's own (load_tokenizer), else the
+    recipe's trained tokenizer."""
     import sentencepiece as spm
 
-    folder = model_path if model_path.is_dir() else model_path.parent
-    candidates = [folder / "tokenizer.model"]
-    if recipe is not None:
-        candidates.append(recipe.stage_dir("tokenizer") / "tokenizer.model")
-    for c in candidates:
-        if c.is_file():
-            return spm.SentencePieceProcessor(model_file=str(c)), c
-    raise UserError(f"no tokenizer.model beside {model_path}: pass --recipe of its run")
+    from domainlm.model.load import load_tokenizer
+
+    try:
+        sp, folder = load_tokenizer(model_path)
+        return sp, folder / "tokenizer.model"
+    except UserError:
+        if recipe is None or not recipe.layout.tokenizer_model.is_file():
+            raise UserError(
+                f"no tokenizer.model beside {model_path}: pass --recipe of its run"
+            ) from None
+        tok = recipe.layout.tokenizer_model
+        return spm.SentencePieceProcessor(model_file=str(tok)), tok
 
 
 def perplexity(model_path: Path, recipe: Recipe, max_tokens: int | None) -> dict:
     """Perplexity and bits per byte per source, domain vs general, of any model file/folder."""
     import torch
 
-    from domainlm.eval.models import load_model
     from domainlm.eval.perplexity import perplexity_by_source
     from domainlm.eval.stage import groups
-    from domainlm.serve.generate import context_length
+    from domainlm.model.decode import context_length
+    from domainlm.model.load import load_model
 
     model = load_model(model_path)
     _, tok = tokenizer_for(model_path, recipe)
     seq_len = context_length(model)
     with torch.no_grad():
-        result = perplexity_by_source(model, tok, recipe.stage_dir("corpus"), seq_len, max_tokens)
+        result = perplexity_by_source(model, tok, recipe.layout.corpus, seq_len, max_tokens)
     result["groups"] = groups(result["sources"], recipe.eval.general_sources)
     return result
 
@@ -72,9 +77,10 @@ def generation(model_path: Path, data: Path, recipe: Recipe | None, max_new_toke
                chat: bool) -> dict:
     """Greedy answers to each record's `prompt`, scored against its `reference` (BLEU, ROUGE,
     exact match); with chat, the prompt is one user turn in the model's chat template."""
-    from domainlm.eval.metrics import all_metrics
-    from domainlm.eval.models import load_model
-    from domainlm.serve.generate import SamplingParams, chat_template, complete
+    from domainlm.metrics import all_metrics
+    from domainlm.model.decode import SamplingParams, complete
+    from domainlm.model.load import load_model
+    from domainlm.tokenizer.templates import chat_template
 
     records = read_records(data, ("prompt", "reference"))
     model = load_model(model_path)
@@ -98,7 +104,7 @@ def fewshot(model_path: Path, shots: Path, data: Path, labels: list[str], k: int
             recipe: Recipe | None) -> dict:
     """k-shot classification of `data` (text, label) with examples drawn from `shots`."""
     from domainlm.eval.fewshot import classify
-    from domainlm.eval.models import load_model
+    from domainlm.model.load import load_model
 
     if not labels:
         raise UserError("--labels: give the label words, e.g. --labels positive,negative")

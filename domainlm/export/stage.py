@@ -3,33 +3,20 @@ each measured for size on disk and validation perplexity against the bf16 model.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from pathlib import Path
 
 import click
 
 from domainlm.errors import UserError
-from domainlm.files import hash_json, read_json, versions, write_json, write_text
+from domainlm.files import read_json, write_text
 from domainlm.recipe import Recipe
+from domainlm.stage import Stage, file_inputs, run_stage
 
 STAGE_VERSION = 1
 TARGETS = {"int8": 0.01, "int4": 0.05, "gguf-q8_0": 0.01, "gguf-q4_0": 0.05}
 GGUF_TYPES = {"gguf-f16": "F16", "gguf-bf16": "BF16", "gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0"}
-
-
-def model_folder(recipe: Recipe, name: str) -> Path:
-    """The folder of a model named in export.models."""
-    if name == "base":
-        return recipe.stage_dir("pretrain") / "model"
-    if name == "lora-merged":
-        return recipe.stage_dir("sft") / "lora-merged"
-    if name in ("full", "selective"):
-        return recipe.stage_dir("sft") / name / "model"
-    raise UserError(
-        f"export.models: unknown model {name!r}; use base, full, selective or lora-merged "
-        "(adapters are served on their base: `domainlm serve --adapter`)"
-    )
 
 
 def _size(path: Path) -> int:
@@ -46,60 +33,66 @@ def _weights_size(path: Path) -> int:
 
 
 def _windows(recipe: Recipe, seq_len: int, limit: int | None):
-    from domainlm.tokenizer.arrays import TokenArrays
-    from domainlm.train.data import TokenWindows
+    from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
 
-    val = TokenArrays(recipe.stage_dir("tokens"), "val")
+    val = TokenArrays(recipe.layout.tokens, "val")
     windows = TokenWindows(val, seq_len)
     n = len(windows) if limit is None else max(1, min(len(windows), limit // seq_len))
     return [windows[i] for i in range(n)]
 
 
 def _ppl(model, windows) -> float:
-    import torch
+    from domainlm.model.evaluate import evaluate_windows
 
-    from domainlm.train.finish import evaluate
+    return evaluate_windows(model, windows, micro_batch=8).ppl
 
-    return math.exp(evaluate(model, windows, 8, torch.device("cpu")))
+
+def quantize_stage(recipe: Recipe) -> tuple[Stage, dict[str, Path]]:
+    """The stage (every file of every model it exports, the validation tokens, the tokenizer;
+    the export section) and the folders of the models, checked to exist."""
+    layout = recipe.layout
+    folders = {name: layout.model(name) for name in recipe.export.models}
+    for name, folder in folders.items():
+        if not (folder / "config.json").exists():
+            stage = "pretrain" if name == "base" else "finetune"
+            raise UserError(f"{folder} does not exist: run `make {stage} RECIPE={recipe.path}`")
+    files = [p for f in folders.values() for p in sorted(f.iterdir()) if p.is_file()]
+    files += sorted(p for p in layout.tokens.glob("val*") if p.is_file())
+    stage = Stage(
+        "quantize",
+        layout.manifest("quantize"),
+        file_inputs([*files, layout.tokenizer_model], layout.root),
+        {"seed": recipe.seed, "export": dataclasses.asdict(recipe.export)},
+        STAGE_VERSION,
+        outputs=[layout.export / "report.md"],
+        hashes=layout.hashes,
+    )
+    return stage, folders
 
 
 def quantize(recipe: Recipe, *, force: bool = False) -> dict:
     """Write build/<run>/export/<model>/<format> for every model and format; returns the
     manifest (also build/<run>/export/manifest.json) with sizes and perplexities."""
+    stage, folders = quantize_stage(recipe)
+    return run_stage(stage, lambda _: _export(recipe, folders), force=force)
+
+
+def _export(recipe: Recipe, folders: dict[str, Path]) -> dict:
+    """The stage's work: each model in each format, written and measured; the report."""
     import torch
 
-    from domainlm.export.gguf_export import read_gguf_model, write_gguf
-    from domainlm.export.hf import load_hf_folder, save_hf_folder
-    from domainlm.export.quantize import quantize_model, save_quantized
+    from domainlm.model.gguf import write_gguf
+    from domainlm.model.hf import save_hf_folder
+    from domainlm.model.load import load_model
+    from domainlm.model.quantized import quantize_model, save_quantized
 
     say = click.echo
     cfg = recipe.export
-    out = recipe.stage_dir("export")
-    tokenizer_model = recipe.stage_dir("tokenizer") / "tokenizer.model"
-    folders = {name: model_folder(recipe, name) for name in cfg.models}
-    for name, folder in folders.items():
-        if not (folder / "config.json").exists():
-            stage = "pretrain" if name == "base" else "finetune"
-            raise UserError(f"{folder} does not exist: run `make {stage} RECIPE={recipe.path}`")
-    inputs = {name: read_json(f / "config.json") for name, f in folders.items()}
-    hashes = {
-        name: sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in f.iterdir())
-        for name, f in folders.items()
-    }
-    fingerprint = hash_json([STAGE_VERSION, cfg.__dict__, inputs, hashes, recipe.seed])
-    manifest_path = out / "manifest.json"
-    if not force and manifest_path.exists():
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint:
-            say(f"quantize: up to date ({manifest_path}); nothing to do")
-            return old
-    if manifest_path.exists():
-        manifest_path.unlink()
-
-    t_start = time.time()
+    out = recipe.layout.export
+    tokenizer_model = recipe.layout.tokenizer_model
     rows: list[dict] = []
     for name, folder in folders.items():
-        model = load_hf_folder(folder).eval()
+        model = load_model(folder)
         template = read_json(folder / "tokenizer_config.json").get("chat_template") if (
             folder / "tokenizer_config.json"
         ).exists() else None
@@ -110,11 +103,11 @@ def quantize(recipe: Recipe, *, force: bool = False) -> dict:
         say(f"quantize: {name}: bf16 perplexity {ref:.3f} on {len(windows)} windows")
         for fmt in cfg.formats:
             t = time.time()
-            target = out / name / (f"model-{GGUF_TYPES[fmt]}.gguf" if fmt in GGUF_TYPES else fmt)
+            target = recipe.layout.export_target(name, fmt, GGUF_TYPES.get(fmt))
             if fmt in ("hf-bf16", "hf-fp16"):
                 dtype = "bfloat16" if fmt == "hf-bf16" else "float16"
                 save_hf_folder(model, tokenizer_model, target, dtype=dtype, chat_template=template)
-                runs = _as(load_hf_folder(target), getattr(torch, dtype))
+                runs = _as(load_model(target), getattr(torch, dtype))
             elif fmt in ("int8", "int4"):
                 bits = 8 if fmt == "int8" else 4
                 qmodel = quantize_model(model, bits, cfg.group_size)
@@ -122,7 +115,7 @@ def quantize(recipe: Recipe, *, force: bool = False) -> dict:
                 runs = qmodel
             else:
                 write_gguf(model, tokenizer_model, target, GGUF_TYPES[fmt], chat_template=template)
-                runs = read_gguf_model(target)
+                runs = load_model(target)
             with torch.no_grad():
                 ppl = _ppl(runs.eval(), windows)
             change = ppl / ref - 1
@@ -148,16 +141,8 @@ def quantize(recipe: Recipe, *, force: bool = False) -> dict:
                    + ("met" if row["met"] else "NOT met"))
             )
     write_text(out / "report.md", report(recipe, rows))
-    manifest = {
-        "stage": "quantize",
-        "fingerprint": fingerprint,
-        "rows": rows,
-        "seconds": round(time.time() - t_start, 1),
-        "versions": versions(),
-    }
-    write_json(manifest_path, manifest)
     say(f"quantize: wrote {out}/ (report.md: sizes and quality)")
-    return manifest
+    return {"rows": rows}
 
 
 def _as(model, dtype):

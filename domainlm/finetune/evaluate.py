@@ -3,14 +3,15 @@ and the perplexity on the pretraining validation split (how much it forgot)."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from domainlm.eval.metrics import exact_match, rouge
+from domainlm.metrics import exact_match, rouge
+from domainlm.model.decode import SamplingParams, complete
+from domainlm.model.evaluate import evaluate_windows
 
 
 @dataclass
@@ -41,19 +42,14 @@ class Scores:
 def answers(model: nn.Module, sp, prompts: list[str], max_new_tokens: int, stop: str) -> list[str]:
     """Greedy continuations of each prompt, cut at `stop` (the template's end of turn) or eos:
     the serving path's decoding, so what is scored is what `domainlm serve` would answer."""
-    from domainlm.serve.generate import SamplingParams, complete
-
     model.eval()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                             stop=[stop] if stop else [])
     return [complete(model, sp, sp.encode(p), params).text.strip() for p in prompts]
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, windows, micro_batch: int = 16) -> float:
-    from domainlm.train.finish import evaluate
-
-    return math.exp(evaluate(model, windows, micro_batch, torch.device("cpu")))
+    return evaluate_windows(model, windows, micro_batch).ppl
 
 
 def score(

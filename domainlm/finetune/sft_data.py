@@ -18,9 +18,9 @@ from domainlm.corpus.mix import unit_hash
 from domainlm.corpus.records import QUARANTINE, clip
 from domainlm.errors import UserError
 from domainlm.finetune.records import Example
-from domainlm.finetune.templates import Template
 from domainlm.model.llama import IGNORE_INDEX
 from domainlm.tokenizer import special
+from domainlm.tokenizer.templates import Template
 from domainlm.train.data import StepLoader, StepSampler
 
 PROMPT_TOO_LONG = f"{QUARANTINE}:prompt_too_long"

@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from domainlm.errors import UserError
-from domainlm.files import hash_file, hash_json, read_json, versions, write_json, write_text
+from domainlm.files import hash_json, read_json, write_json, write_text
 from domainlm.recipe import FinetuneConfig, Recipe
+from domainlm.stage import Stage, file_inputs, run_stage
 from domainlm.train.loop import build_trainer, checkpoint_dir, kept_csv_log
 
 STAGE_VERSION = 1
@@ -63,64 +64,75 @@ def load_instructions(ft: FinetuneConfig, seed: int) -> InstructionData:
     return InstructionData(train, heldout, weights, quarantined, counts)
 
 
-def _inputs_fingerprint(recipe: Recipe) -> str:
+def finetune_stage(recipe: Recipe) -> Stage:
+    """The stage: the pretrained model, the instruction files (the built-in set by the
+    standard library's fingerprint), the template file, the validation tokens that measure
+    forgetting; the finetune section and the training settings it borrows."""
     from domainlm.corpus import python_docs
 
-    ft = recipe.finetune
-    files = {s.path: hash_file(s.path) for s in ft.data if s.path and Path(s.path).exists()}
-    pretrain = read_json(recipe.stage_dir("pretrain") / "manifest.json")
-    template = Path(ft.template)
-    return hash_json(
-        [
-            STAGE_VERSION,
-            recipe.seed,
-            dataclasses.asdict(ft),
-            files,
-            python_docs.fingerprint() if any(s.kind == "python-docs" for s in ft.data) else None,
-            pretrain.get("outputs"),
-            hash_file(template) if template.is_file() else ft.template,
-            {k: getattr(recipe.train, k) for k in ("precision", "accelerator", "devices")},
-        ]
+    ft, layout = recipe.finetune, recipe.layout
+    base = sorted(p for p in layout.pretrain_model.iterdir() if p.is_file())
+    files = [*base, *sorted(p for p in layout.tokens.glob("val*") if p.is_file())]
+    inputs: dict[str, Path | str] = dict(file_inputs(files, layout.root))
+    for i, src in enumerate(ft.data):
+        if src.kind == "python-docs":
+            inputs[f"finetune.data[{i}] (python-docs)"] = python_docs.fingerprint()
+        elif src.path:
+            inputs[f"finetune.data[{i}]"] = Path(src.path)
+    if Path(ft.template).is_file():
+        inputs["finetune.template"] = Path(ft.template)
+    train = {k: getattr(recipe.train, k) for k in ("precision", "accelerator", "devices")}
+    return Stage(
+        "finetune",
+        layout.manifest("finetune"),
+        inputs,
+        {"seed": recipe.seed, "finetune": dataclasses.asdict(ft), "train": train},
+        STAGE_VERSION,
+        outputs=[layout.sft / "report.md"],
+        hashes=layout.hashes,
     )
 
 
 def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict:
     """Build build/<run>/sft/: one folder per method, report.md and manifest.json."""
+    layout = recipe.layout
+    if not layout.manifest("pretrain").is_file():
+        raise UserError(
+            f"{layout.pretrain_model} is not built: run `make pretrain RECIPE={recipe.path}` first"
+        )
+    missing = [f"finetune.data[{i}].path: {s.path}" for i, s in enumerate(recipe.finetune.data)
+               if s.kind == "jsonl" and s.path and not Path(s.path).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} does not exist: fix the path in {recipe.path}")
+    return run_stage(
+        finetune_stage(recipe), lambda fp: _finetune(recipe, fp, force, progress), force=force
+    )
+
+
+def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> dict:
+    """The stage's work: each method trained, saved and scored; the report."""
     import sentencepiece as spm
     import torch
 
-    from domainlm.export.hf import load_hf_folder, save_hf_folder
     from domainlm.finetune.evaluate import score
     from domainlm.finetune.report import write_report
     from domainlm.finetune.sft_data import encode_examples, mix
-    from domainlm.finetune.templates import load_template
+    from domainlm.model.hf import save_hf_folder
+    from domainlm.model.load import load_model
     from domainlm.model.peft.lora import merged
     from domainlm.model.peft.methods import prepare, save
-    from domainlm.tokenizer.arrays import TokenArrays
-    from domainlm.train.data import TokenWindows
+    from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
+    from domainlm.tokenizer.templates import load_template
 
-    t_start = time.time()
     say = click.echo
-    ft = recipe.finetune
-    base_dir = recipe.stage_dir("pretrain") / "model"
-    if not (recipe.stage_dir("pretrain") / "manifest.json").exists():
-        raise UserError(f"{base_dir} is not built: run `make pretrain RECIPE={recipe.path}` first")
-    out = recipe.stage_dir("sft")
-    tokenizer_model = recipe.stage_dir("tokenizer") / "tokenizer.model"
-    fingerprint = _inputs_fingerprint(recipe)
-    manifest_path = out / "manifest.json"
-    if not force and manifest_path.exists():
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint and (out / "report.md").exists():
-            say(f"finetune: up to date ({manifest_path}); nothing to do")
-            return old
-    if manifest_path.exists():
-        manifest_path.unlink()
-
+    ft, layout = recipe.finetune, recipe.layout
+    base_dir = layout.pretrain_model
+    out = layout.sft
+    tokenizer_model = layout.tokenizer_model
     template = load_template(ft.template)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     data = load_instructions(ft, recipe.seed)
-    base = load_hf_folder(base_dir)
+    base = load_model(base_dir)
     virtual = ft.prompt.virtual_tokens if "prompt" in ft.methods else 0
     seq_len = min(ft.max_seq_len, base.config.max_seq_len - virtual)
 
@@ -149,8 +161,8 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
     references = [ex.messages[-1]["content"] for ex in evalset]
     stop = getattr(template, "stop", "") or ""
     windows = None
-    if (recipe.stage_dir("tokens") / "manifest.json").exists():
-        val = TokenArrays(recipe.stage_dir("tokens"), "val")
+    if layout.manifest("tokens").exists():
+        val = TokenArrays(layout.tokens, "val")
         if val.num_tokens > seq_len:
             windows = TokenWindows(val, seq_len)
     kw = dict(max_new_tokens=ft.max_new_tokens, stop=stop, windows=windows)
@@ -162,7 +174,7 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
     chat_template = getattr(template, "source", None)
     for method in ft.methods:
         torch.manual_seed(recipe.seed)
-        model, info = prepare(load_hf_folder(base_dir), method, ft)
+        model, info = prepare(base, method, ft)
         say(
             f"finetune: {method}: {info.trainable:,} trainable of {info.total:,} parameters "
             f"({info.trainable / info.total:.2%}), lr {info.lr:g}"
@@ -177,15 +189,15 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
         train_seconds = _train(
             recipe, method, model, info, mixture, val_pairs, seq_len, fingerprint, force, progress
         )
-        folder = out / method
-        save(model, method, folder / "model", ft, str(base_dir), tokenizer_model)
-        if chat_template and (folder / "model" / "tokenizer_config.json").exists():
-            _set_chat_template(folder / "model", chat_template)
+        folder = layout.sft_model(method)
+        save(model, method, folder, ft, str(base_dir), tokenizer_model)
+        if chat_template and (folder / "tokenizer_config.json").exists():
+            _set_chat_template(folder, chat_template)
         if method == "lora":
             save_hf_folder(
                 merged(model, "default"),
                 tokenizer_model,
-                out / "lora-merged",
+                layout.lora_merged,
                 chat_template=chat_template,
             )
         s = score(method, model, sp, prompts, references, **kw)
@@ -197,19 +209,13 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
             + (f", pretraining-val perplexity {s.pretrain_ppl:.2f}" if s.pretrain_ppl else "")
         )
     write_report(out / "report.md", recipe, data.counts, rows, methods)
-    manifest = {
-        "stage": "finetune",
-        "fingerprint": fingerprint,
+    say(f"finetune: wrote {out}/ (report.md: the comparison table)")
+    return {
         "counts": data.counts,
         "examples": {"train": len(mixture), "heldout": len(heldout), "eval": len(evalset)},
         "base": base_scores.to_dict(),
         "methods": methods,
-        "seconds": round(time.time() - t_start, 1),
-        "versions": versions(),
     }
-    write_json(manifest_path, manifest)
-    say(f"finetune: wrote {out}/ (report.md: the comparison table)")
-    return manifest
 
 
 def _set_chat_template(folder: Path, chat_template: str) -> None:
@@ -228,7 +234,7 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
     from domainlm.train.settings import RunSettings, resolve_accelerator
 
     ft = recipe.finetune
-    out = recipe.stage_dir("sft") / method
+    out = recipe.layout.sft_method(method)
     run_fp = hash_json([fp, method])
     ckpt_dir, resume = checkpoint_dir(out, run_fp, force, click.echo)
     accelerator = resolve_accelerator(recipe.train.accelerator)

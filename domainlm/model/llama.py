@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from domainlm.model.config import LlamaConfig
+from domainlm.recipe.model import LlamaConfig
 
 # One (key, value) pair per layer, each (batch, n_kv_heads, cached positions, head_dim). Start a
 # generation with an empty list; forward fills it and extends it on every call.
@@ -262,47 +262,3 @@ class Llama(nn.Module):
             )
             loss = losses / (flat != IGNORE_INDEX).sum().clamp(min=1)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Continue idx (B, T) by up to max_new_tokens; greedy when temperature is 0.
-
-        Rows that have produced eos_id are padded with it; generation stops early once every
-        row has. Returns (B, T + generated).
-        """
-        if idx.size(1) + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceed "
-                f"max_seq_len {self.config.max_seq_len}"
-            )
-        cache: KVCache | None = [] if use_cache else None
-        out, step_input = idx, idx
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_input, cache=cache)[0][:, -1, :].float()
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(done.unsqueeze(1), eos_id)
-                done = done | (nxt.squeeze(1) == eos_id)
-            out = torch.cat((out, nxt), dim=1)
-            step_input = nxt if use_cache else out
-            if eos_id is not None and bool(done.all()):
-                break
-        return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import os
@@ -11,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from domainlm.errors import UserError
+from domainlm.recipe.model import LlamaConfig
 
 GB = 10**9
 PROBE_VERSION = 1
@@ -229,7 +231,7 @@ def probe(seconds: float = 0.75, limit: float = 2.5) -> Probe:
 
 
 def probe_model(
-    shape: dict,
+    shape: LlamaConfig,
     micro_batch: int,
     seq_len: int,
     precision: str = "bf16-mixed",
@@ -246,17 +248,11 @@ def probe_model(
     """
     import torch
 
-    from domainlm.model.config import LlamaConfig
     from domainlm.model.llama import Llama
 
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fields = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim")
-    config = LlamaConfig(
-        **{k: int(shape[k]) for k in fields},
-        max_seq_len=seq_len,
-        tie_embeddings=bool(shape.get("tie_embeddings", True)),
-    )
+    config = dataclasses.replace(shape, max_seq_len=seq_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Llama(config).to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from domainlm.plan.shape import Shape
+from domainlm.recipe.model import LlamaConfig
 
 GiB = 1 << 30
 
@@ -83,7 +83,7 @@ def state_bytes(
 
 
 def activation_bytes(
-    shape: Shape, micro_batch: int, seq_len: int, precision: str, checkpointing: bool
+    shape: LlamaConfig, micro_batch: int, seq_len: int, precision: str, checkpointing: bool
 ) -> int:
     """Activations kept for the backward pass of one micro-batch, logits included.
 
@@ -103,7 +103,7 @@ def activation_bytes(
     return layers + logits
 
 
-def buffer_bytes(shape: Shape, precision: str, strategy: str, devices: int) -> int:
+def buffer_bytes(shape: LlamaConfig, precision: str, strategy: str, devices: int) -> int:
     """Memory that is neither a training state nor an activation, but lives during a step.
 
     DDP: its gradient buckets (a flat copy of the gradients) on more than one device. FSDP:
@@ -113,7 +113,7 @@ def buffer_bytes(shape: Shape, precision: str, strategy: str, devices: int) -> i
     bf16-mixed adds the bf16 weight copies that autocast caches from forward to backward.
     """
     p = PRECISIONS[precision]
-    n = shape.params
+    n = shape.num_params()
     compute = 2 if precision != "32-true" else 4
     if strategy == "fsdp":
         unit = max(shape.layer_params, shape.embedding_params)
@@ -161,7 +161,7 @@ def usable_bytes(memory_bytes: int, device: str) -> int:
 
 
 def option(
-    shape: Shape,
+    shape: LlamaConfig,
     precision: str,
     strategy: str,
     checkpointing: bool,
@@ -171,7 +171,7 @@ def option(
     max_micro_batch: int,
 ) -> Option:
     """The memory of one strategy at the largest micro-batch (<= max_micro_batch) that fits."""
-    states = state_bytes(shape.params, precision, strategy, devices)
+    states = state_bytes(shape.num_params(), precision, strategy, devices)
     buffers = buffer_bytes(shape, precision, strategy, devices)
     static = states.total + buffers
     per_seq = activation_bytes(shape, 1, seq_len, precision, checkpointing)
@@ -195,7 +195,7 @@ def option(
 
 
 def options(
-    shape: Shape,
+    shape: LlamaConfig,
     precision: str,
     devices: int,
     seq_len: int,
@@ -217,19 +217,19 @@ def options(
 
 
 def devices_needed(
-    shape: Shape, precision: str, seq_len: int, usable: int, limit: int = 1 << 16
+    shape: LlamaConfig, precision: str, seq_len: int, usable: int, limit: int = 1 << 16
 ) -> int | None:
     """The fewest devices on which FSDP with checkpointing fits one sequence; None: no count."""
     per_seq = activation_bytes(shape, 1, seq_len, precision, True)
     buffers = buffer_bytes(shape, precision, "fsdp", 2)
     if per_seq + buffers >= usable:
         return None
-    lo, hi = 1, limit
-    if state_bytes(shape.params, precision, "fsdp", hi).total + buffers + per_seq > usable:
+    lo, hi, n = 1, limit, shape.num_params()
+    if state_bytes(n, precision, "fsdp", hi).total + buffers + per_seq > usable:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if state_bytes(shape.params, precision, "fsdp", mid).total + buffers + per_seq <= usable:
+        if state_bytes(n, precision, "fsdp", mid).total + buffers + per_seq <= usable:
             hi = mid
         else:
             lo = mid + 1

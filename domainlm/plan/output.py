@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -10,8 +9,8 @@ import yaml
 
 from domainlm.errors import UserError
 from domainlm.files import atomic_path
-from domainlm.plan.shape import Shape
 from domainlm.recipe import Recipe, load_recipe
+from domainlm.recipe.model import LlamaConfig
 
 
 def si(x: float) -> str:
@@ -72,7 +71,7 @@ def format_plan(plan: dict) -> str:
         lines.append("  data       not checked (no tokens folder yet)")
     lines += [
         f"  model      {count(plan['params'])} params ({plan['params']:,} exact): "
-        + Shape(**{k: s[k] for k in _SHAPE_FIELDS}).describe(),
+        + LlamaConfig.from_dict(s).describe(),
         f"  training   {count(plan['tokens'])} tokens ({plan['tokens_per_param']:.1f} per "
         f"param"
         + (f", {data['epochs']:.2f} epochs" if data["checked"] else "")
@@ -106,7 +105,11 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-_SHAPE_FIELDS = [f.name for f in dataclasses.fields(Shape)]
+def _model_section(shape: LlamaConfig) -> dict:
+    """The recipe's `model:` section for a shape (vocab_size comes from the tokenizer)."""
+    keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+    keys += ("tie_embeddings", "rope_theta", "norm_eps")
+    return {"from_plan": False, **{k: getattr(shape, k) for k in keys}}
 
 
 def write_planned_recipe(recipe: Recipe, plan: dict, settings_plan: dict, path: Path) -> None:
@@ -119,11 +122,11 @@ def write_planned_recipe(recipe: Recipe, plan: dict, settings_plan: dict, path: 
     if recipe.path is None:
         raise UserError("--write-recipe needs a recipe loaded from a file")
     text = recipe.path.read_text(encoding="utf-8")
-    shape = Shape(**{k: plan["shape"][k] for k in _SHAPE_FIELDS})
+    shape = LlamaConfig.from_dict(plan["shape"])
     header = f"# Written by `domainlm plan` ({plan['params']:,} parameters"
     sections = {
         "plan": {k: v for k, v in settings_plan.items() if v is not None},
-        "model": shape.model_section(),
+        "model": _model_section(shape),
     }
     for key, value in sections.items():
         block = f"{header}; see build/{recipe.name}/plan.json)\n" + yaml.safe_dump(

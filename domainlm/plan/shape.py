@@ -1,12 +1,13 @@
-"""Model shapes: the exact parameter count of the decoder and a search for a shape of N params."""
+"""The search for a decoder shape (a LlamaConfig) of N parameters, by the rules published
+models follow."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 
 from domainlm.errors import UserError
+from domainlm.recipe.model import LlamaConfig
 
 TOLERANCE = 0.05  # the exact count must be within 5% of the target
 LARGE_D_MODEL = 2048  # from here on: head_dim 128, ffn in multiples of 256, grouped-query attention
@@ -27,72 +28,6 @@ class ShapeError(UserError):
     """No decoder shape has the parameter count the plan asks for."""
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A decoder shape with the fields of the recipe's `model:` section (plus vocab_size)."""
-
-    vocab_size: int
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def layer_params(self) -> int:
-        return layer_params(self.d_model, self.n_heads, self.n_kv_heads, self.ffn_dim)
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.d_model
-
-    @property
-    def params(self) -> int:
-        return count_params(
-            self.vocab_size,
-            self.n_layers,
-            self.d_model,
-            self.n_heads,
-            self.n_kv_heads,
-            self.ffn_dim,
-            self.tie_embeddings,
-        )
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "head_dim": self.head_dim, "params": self.params}
-
-    def model_section(self) -> dict:
-        """The recipe's `model:` section for this shape (vocab_size comes from the tokenizer)."""
-        keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
-        keys += ("tie_embeddings", "rope_theta", "norm_eps")
-        return {"from_plan": False, **{k: getattr(self, k) for k in keys}}
-
-    def describe(self) -> str:
-        heads = "head" if self.n_heads == 1 else "heads"
-        attention = f"{self.n_heads} {heads} of {self.head_dim}"
-        if self.n_kv_heads != self.n_heads:
-            attention += f", {self.n_kv_heads} kv heads"
-        tied = "tied" if self.tie_embeddings else "untied"
-        return (
-            f"{self.n_layers} layers, d_model {self.d_model}, {attention}, ffn {self.ffn_dim}, "
-            f"vocab {self.vocab_size} ({tied} embeddings)"
-        )
-
-
-def layer_params(d_model: int, n_heads: int, n_kv_heads: int, ffn_dim: int) -> int:
-    """One block: q, k, v, o without bias, SwiGLU gate/up/down, two RMSNorm weights."""
-    kv_dim = n_kv_heads * (d_model // n_heads)
-    return 2 * d_model * d_model + 2 * d_model * kv_dim + 3 * d_model * ffn_dim + 2 * d_model
-
-
 def count_params(
     vocab_size: int,
     n_layers: int,
@@ -102,9 +37,10 @@ def count_params(
     ffn_dim: int,
     tie_embeddings: bool = True,
 ) -> int:
-    """Exact parameters: embeddings, blocks, final norm and the output head unless tied."""
-    embeddings = vocab_size * d_model * (1 if tie_embeddings else 2)
-    return embeddings + n_layers * layer_params(d_model, n_heads, n_kv_heads, ffn_dim) + d_model
+    """Exact parameters of that shape (LlamaConfig.num_params, the one count)."""
+    return LlamaConfig(
+        vocab_size, n_layers, d_model, n_heads, n_kv_heads, ffn_dim, tie_embeddings=tie_embeddings
+    ).num_params()
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -143,10 +79,14 @@ def preferred_aspect(n_params: float) -> float:
     return 64.0 * 2.0 ** min(t, 1.0)
 
 
-def smallest(vocab_size: int, tie_embeddings: bool = True, max_seq_len: int = 1024) -> Shape:
+def smallest(
+    vocab_size: int, tie_embeddings: bool = True, max_seq_len: int = 1024
+) -> LlamaConfig:
     """The smallest shape the rules allow: d_model 64, one layer."""
     n_heads, n_kv = heads_for(64)
-    return Shape(vocab_size, 1, 64, n_heads, n_kv, standard_ffn(64), max_seq_len, tie_embeddings)
+    return LlamaConfig(
+        vocab_size, 1, 64, n_heads, n_kv, standard_ffn(64), max_seq_len, tie_embeddings
+    )
 
 
 def search_shape(
@@ -158,7 +98,7 @@ def search_shape(
     rope_theta: float = 10000.0,
     norm_eps: float = 1e-5,
     tolerance: float = TOLERANCE,
-) -> Shape:
+) -> LlamaConfig:
     """A shape whose exact parameter count is within `tolerance` of `target`.
 
     Candidates go in tiers, each used only if the one before has none within tolerance:
@@ -170,12 +110,13 @@ def search_shape(
     if vocab_size < 1:
         raise ShapeError(f"vocab_size must be positive, got {vocab_size}")
     floor = smallest(vocab_size, tie_embeddings, max_seq_len)
-    if target < floor.params * (1 - tolerance):
+    if target < floor.num_params() * (1 - tolerance):
         table = vocab_size * 64 * (1 if tie_embeddings else 2)
         raise ShapeError(
             f"a model of {target:,.0f} parameters cannot be built: with a vocabulary of "
             f"{vocab_size:,} the embedding table alone has {table:,} parameters at the smallest "
-            f"width (d_model 64) and the smallest model has {floor.params:,}. Raise the budget, "
+            f"width (d_model 64) and the smallest model has {floor.num_params():,}. Raise the "
+            "budget, "
             "add data (or plan.max_epochs) when the data limit is what binds, or train a "
             "tokenizer with a smaller tokenizer.vocab_size"
         )
@@ -186,7 +127,7 @@ def search_shape(
         if found:
             _, _, n_layers, d_model, ffn_dim = min(found)
             n_heads, n_kv = heads_for(d_model)
-            return Shape(
+            return LlamaConfig(
                 vocab_size,
                 n_layers,
                 d_model,
@@ -202,7 +143,7 @@ def search_shape(
     # 64-column slice of the embedding table, a step larger than the tolerance.
     near = list(_candidates(target, vocab_size, tie_embeddings, aspect, 1.0, (3,)))
     counts = sorted({_count(vocab_size, tie_embeddings, c[2], c[3], c[4]) for c in near})
-    below = max((c for c in counts if c < target), default=floor.params)
+    below = max((c for c in counts if c < target), default=floor.num_params())
     above = min((c for c in counts if c > target), default=None)
     nearest = f"{below:,}" + (f" and {above:,}" if above else "")
     raise ShapeError(
@@ -240,10 +181,14 @@ def _candidates(
     """(tier, score, n_layers, d_model, ffn_dim) of every shape within tolerance."""
     d = 64
     while d <= MAX_D_MODEL:
-        fixed = vocab_size * d * (1 if tie_embeddings else 2) + d
+        n_heads, n_kv = heads_for(d)
+        # Parameters outside the blocks (embeddings, final norm): a one-layer model's count
+        # less its layer.
+        one = LlamaConfig(vocab_size, 1, d, n_heads, n_kv, standard_ffn(d),
+                          tie_embeddings=tie_embeddings)
+        fixed = one.num_params() - one.layer_params
         if fixed > target * (1 + tolerance):
             return
-        n_heads, n_kv = heads_for(d)
         tiny = TINY_ASPECT_RANGE if d <= TINY_D_MODEL else ASPECT_RANGE
         plans = {
             0: (ASPECT_RANGE, False, MIN_LAYERS),
@@ -256,7 +201,7 @@ def _candidates(
             lo_layers = max(min_layers, math.ceil(d / hi_aspect))
             hi_layers = max(lo_layers, d // lo_aspect)
             for ffn in _ffn_options(d, relaxed):
-                per_layer = layer_params(d, n_heads, n_kv, ffn)
+                per_layer = LlamaConfig(vocab_size, 1, d, n_heads, n_kv, ffn).layer_params
                 exact = (target - fixed) / per_layer
                 for n_layers in {math.floor(exact), math.ceil(exact)}:
                     n_layers = min(max(n_layers, lo_layers), hi_layers)

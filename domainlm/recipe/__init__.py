@@ -20,10 +20,10 @@ from domainlm.recipe.finetune import (
     SelectiveConfig,
 )
 from domainlm.recipe.loader import Recipe, RecipeError, load_recipe, merged, section_dict
+from domainlm.recipe.model import LlamaConfig, ModelConfig
 from domainlm.recipe.stages import (
     EvalConfig,
     ExportConfig,
-    ModelConfig,
     PlanConfig,
     TokenizerConfig,
     TrainConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "FinetuneConfig",
     "FullConfig",
     "InstructionSource",
+    "LlamaConfig",
     "LoRAConfig",
     "ModelConfig",
     "PIIConfig",

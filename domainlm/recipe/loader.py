@@ -21,10 +21,11 @@ from domainlm.recipe.corpus import (
     SourceConfig,
 )
 from domainlm.recipe.finetune import FinetuneConfig
+from domainlm.recipe.layout import RunLayout
+from domainlm.recipe.model import ModelConfig
 from domainlm.recipe.stages import (
     EvalConfig,
     ExportConfig,
-    ModelConfig,
     PlanConfig,
     TokenizerConfig,
     TrainConfig,
@@ -53,11 +54,9 @@ class Recipe:
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.build_dir) / self.name
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.run_dir / stage
+    def layout(self) -> RunLayout:
+        """Every output path of this run (build/<name>/...)."""
+        return RunLayout(self.build_dir, self.name)
 
     def source(self, name: str) -> SourceConfig:
         for s in self.corpus.sources:
@@ -186,16 +185,23 @@ def _convert(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
 
 def _build(cls: type, data: dict, prefix: str, ctx: _Ctx) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("loader")]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields if not f.metadata.get("loader") and f.metadata.get("recipe", 1)]
+    derived = [f.name for f in fields if f.metadata.get("recipe", 1) is False]
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if k in derived:
+            raise ctx.fail(key, "is not a recipe setting: it comes from an earlier stage's output")
         if k not in names:
             hint = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
             extra = f"did you mean {hint[0]!r}?" if hint else "valid keys: " + ", ".join(names)
             raise ctx.fail(key, f"unknown key; {extra}")
         kwargs[k] = _convert(v, hints[k], key, ctx)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as e:  # a section that checks itself (the model's shape)
+        raise ctx.fail(prefix, str(e)) from None
 
 
 def _overrides(cls: type, overrides: dict[str, Any], key: str, ctx: _Ctx) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The recipe's `tokenizer:`, `plan:`, `model:` and `train:` sections."""
+"""The recipe's `tokenizer:`, `plan:`, `train:`, `export:` and `eval:` sections (`model:` is
+recipe/model.py: the decoder's shape)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer, plan and model sections.
+# Tokenizer and plan sections.
 
 
 @dataclass
@@ -45,22 +46,6 @@ class PlanConfig:
     seq_len: int = 1024  # training context length
     global_batch_tokens: int | None = None  # tokens per optimizer step; null: from the plan
     require_tokens: bool = False  # a missing tokens folder is an error rather than a note
-
-
-@dataclass
-class ModelConfig:
-    """The decoder's shape. With from_plan, `make pretrain` takes the shape from plan.json."""
-
-    from_plan: bool = True
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    n_kv_heads: int = 4  # fewer than n_heads: grouped-query attention
-    ffn_dim: int = 704  # SwiGLU hidden size
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
 
 
 @dataclass

@@ -1,28 +1,6 @@
-"""Serving: generation with a KV cache and streaming (generate.py), and an OpenAI-compatible HTTP
-server over one base model and its LoRA adapters (server.py)."""
+"""Serving: the engine (engine.py: one model, its adapters, a lock per request) and an
+OpenAI-compatible HTTP server over it (server.py). Decoding itself is domainlm.model.decode."""
 
-from domainlm.serve.generate import (
-    Completion,
-    ContextError,
-    Engine,
-    ParamError,
-    SamplingParams,
-    TextStream,
-    UnknownModel,
-    complete,
-    stream,
-    top_p_filter,
-)
+from domainlm.serve.engine import Engine, UnknownModel
 
-__all__ = [
-    "Completion",
-    "ContextError",
-    "Engine",
-    "ParamError",
-    "SamplingParams",
-    "TextStream",
-    "UnknownModel",
-    "complete",
-    "stream",
-    "top_p_filter",
-]
+__all__ = ["Engine", "UnknownModel"]

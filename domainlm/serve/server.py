@@ -18,14 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from domainlm.errors import UserError
-from domainlm.serve.generate import (
-    ContextError,
-    Engine,
-    ParamError,
-    SamplingParams,
-    TextStream,
-    UnknownModel,
-)
+from domainlm.model.decode import ContextError, ParamError, SamplingParams, TextStream
+from domainlm.serve.engine import Engine, UnknownModel
 
 MAX_BODY = 16 * 1024 * 1024  # bytes; a larger request body is refused with 413
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions

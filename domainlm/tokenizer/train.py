@@ -2,52 +2,42 @@
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import io
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import click
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from domainlm.errors import UserError
 from domainlm.files import (
     atomic_path,
     hash_file,
-    hash_json,
     read_json,
-    versions,
     write_json,
     write_text,
 )
 from domainlm.recipe import Recipe, TokenizerConfig, section_dict
+from domainlm.stage import Stage, file_inputs, run_stage
 from domainlm.tokenizer import special
 from domainlm.tokenizer.report import Doc, encoded_size, evaluate, render_markdown
+from domainlm.tokenizer.sample import (
+    MAX_SENTENCE_BYTES,
+    pick,
+    pick_eval_docs,
+    scan,
+    sentences,
+    write_sample,
+)
 
 # Bump when the stage makes a different model or report from the same inputs.
 STAGE_VERSION = 1
-# SentencePiece skips training sentences longer than max_sentence_length bytes; long lines are
-# cut into chunks of at most this many characters (4 bytes each at most) so none is lost.
-LINE_CHUNK_CHARS = 4096
-MAX_SENTENCE_BYTES = 4 * LINE_CHUNK_CHARS
 OUTPUTS = ("tokenizer.model", "tokenizer.vocab", "report.json", "report.md")
-_SCAN_BATCH = 8192
-
-
-class _Row(NamedTuple):
-    key: tuple[int, str]  # seeded hash of the origin, then the origin (ties)
-    file: int
-    row: int
-    chars: int
 
 
 class _VocabSizeError(Exception):
@@ -63,10 +53,10 @@ class _VocabSizeError(Exception):
 # ----------------------------------------------------------------------------- inputs
 
 
-def _corpus_inputs(recipe: Recipe) -> tuple[dict[str, Any], list[Path], list[Path]]:
-    """The corpus manifest and its train and val files; a missing corpus is a user error."""
-    corpus_dir = recipe.stage_dir("corpus")
-    manifest_path = corpus_dir / "manifest.json"
+def corpus_files(recipe: Recipe) -> tuple[list[Path], list[Path]]:
+    """The corpus' train and val Parquet files; a missing corpus is a user error."""
+    corpus_dir = recipe.layout.corpus
+    manifest_path = recipe.layout.manifest("corpus")
     if not manifest_path.exists():
         raise UserError(f"{manifest_path} is missing: run `make corpus RECIPE={recipe.path}` first")
     manifest = read_json(manifest_path)
@@ -79,103 +69,7 @@ def _corpus_inputs(recipe: Recipe) -> tuple[dict[str, Any], list[Path], list[Pat
             f"{missing[0]} is listed in {manifest_path} but missing: run "
             f"`make corpus RECIPE={recipe.path}` again (with --force if it says up to date)"
         )
-    return manifest, train, val
-
-
-def _key(seed: int, salt: str, origin: str) -> tuple[int, str]:
-    # A keyed hash, not a random stream: a document's fate depends only on itself and the seed,
-    # never on file order or on which other documents exist.
-    digest = hashlib.blake2b(f"{seed}\0{salt}\0{origin}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big"), origin
-
-
-def _scan(paths: list[Path], seed: int, salt: str) -> Iterator[_Row]:
-    """Every original document (copy 0) with its sampling key and length; text is not kept."""
-    for f, path in enumerate(paths):
-        pf = pq.ParquetFile(path)
-        has_copy = "copy" in pf.schema_arrow.names
-        columns = ["origin", "text"] + (["copy"] if has_copy else [])
-        base = 0
-        for batch in pf.iter_batches(batch_size=_SCAN_BATCH, columns=columns):
-            origins = batch.column("origin").to_pylist()
-            lengths = pc.utf8_length(batch.column("text")).to_pylist()
-            copies = batch.column("copy").to_pylist() if has_copy else [0] * len(origins)
-            for i, (origin, n, copy) in enumerate(zip(origins, lengths, copies, strict=True)):
-                if copy == 0:  # upsampled repeats would weight the sample like the mixture
-                    yield _Row(_key(seed, salt, origin or ""), f, base + i, n or 0)
-            base += batch.num_rows
-
-
-def _pick(
-    rows: Iterable[_Row], max_docs: int, max_chars: int | None
-) -> tuple[dict[tuple[int, int], int], int]:
-    """The first documents in key order within both caps, as (file, row) -> characters to use,
-    and the number of documents there were to choose from.
-
-    Only max_docs rows are held at a time, so a corpus of any size fits in memory. The document
-    that crosses the character cap is cut to fit, so the cap is used exactly.
-    """
-    seen = 0
-
-    def counted() -> Iterator[_Row]:
-        nonlocal seen
-        for r in rows:
-            seen += 1
-            yield r
-
-    picked: dict[tuple[int, int], int] = {}
-    total = 0
-    for r in heapq.nsmallest(max_docs, counted(), key=lambda r: r.key):
-        if max_chars is not None and total >= max_chars:
-            break
-        take = r.chars if max_chars is None else min(r.chars, max_chars - total)
-        picked[(r.file, r.row)] = take
-        total += take
-    return picked, seen
-
-
-def _read(paths: list[Path], picked: dict[tuple[int, int], int]) -> Iterator[tuple[int, int, Doc]]:
-    """The picked documents, cut to their length, in file and row order."""
-    for f, path in enumerate(paths):
-        rows = {row for (ff, row) in picked if ff == f}
-        if not rows:
-            continue
-        base = 0
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=_SCAN_BATCH, columns=["origin", "source", "text"]):
-            wanted = [i for i in range(batch.num_rows) if base + i in rows]
-            if wanted:
-                cols = batch.select(["origin", "source", "text"]).take(wanted).to_pydict()
-                for i, o, s, t in zip(
-                    wanted, cols["origin"], cols["source"], cols["text"], strict=True
-                ):
-                    yield f, base + i, Doc(o or "", s or "", (t or "")[: picked[(f, base + i)]])
-            base += batch.num_rows
-
-
-def _write_sample(paths: list[Path], picked: dict[tuple[int, int], int], out: Path) -> dict:
-    """Write the sample as SentencePiece sentences: every line of every document, one per line.
-
-    SentencePiece trains on lines and never sees a newline; the newline pieces are reserved
-    instead (special.WHITESPACE_PIECES), which is what makes documents with newlines round-trip.
-    """
-    docs = chars = lines = 0
-    with open(out, "wb") as f:
-        for _, _, doc in _read(paths, picked):
-            docs += 1
-            chars += len(doc.text)
-            for line in doc.text.split("\n"):
-                for k in range(0, len(line), LINE_CHUNK_CHARS):
-                    f.write(line[k : k + LINE_CHUNK_CHARS].encode("utf-8") + b"\n")
-                    lines += 1
-    return {"docs": docs, "chars": chars, "lines": lines}
-
-
-def _sentences(path: Path) -> Iterator[str]:
-    # Binary lines split at b"\n" only; text mode would also split at "\r" and U+2028.
-    with open(path, "rb") as f:
-        for raw in f:
-            yield raw[:-1].decode("utf-8")
+    return train, val
 
 
 # ----------------------------------------------------------------------------- training
@@ -218,7 +112,7 @@ def _train_model(sample: Path, options: dict[str, Any], seed: int) -> bytes:
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(sample), model_writer=writer, **options
+            sentence_iterator=sentences(sample), model_writer=writer, **options
         )
     except RuntimeError as e:
         msg = str(e)
@@ -268,49 +162,54 @@ def _check_config(cfg: TokenizerConfig) -> list[int]:
 
 def train_tokenizer(recipe: Recipe, force: bool = False, progress: bool = True) -> dict:
     """Build build/<run>/tokenizer/ from the corpus and the recipe; returns the manifest."""
-    t_start = time.perf_counter()
     cfg = recipe.tokenizer
     sizes = _check_config(cfg)
-    say = click.echo if progress else (lambda *a, **k: None)
-    out = recipe.stage_dir("tokenizer")
-    manifest_path = out / "manifest.json"
-
-    corpus_manifest, train_paths, val_paths = _corpus_inputs(recipe)
-    corpus_files = {
-        p.name: corpus_manifest["outputs"][p.name].get("hash") for p in train_paths + val_paths
-    }
-    fingerprint = hash_json(
-        [STAGE_VERSION, corpus_files, section_dict(cfg), recipe.seed, spm.__version__]
-    )
-    if not force and manifest_path.exists():
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint and all((out / n).exists() for n in OUTPUTS):
-            click.echo(f"tokenizer: up to date ({manifest_path}); nothing to do")
-            return old
-    if manifest_path.exists():
-        manifest_path.unlink()  # the stage is incomplete until a new manifest is written
+    train_paths, val_paths = corpus_files(recipe)
     if not train_paths:
         raise UserError(
-            f"{recipe.stage_dir('corpus')} has no training documents: check the corpus report "
+            f"{recipe.layout.corpus} has no training documents: check the corpus report "
             "(everything may have been filtered) and run `make corpus` again"
         )
+    out = recipe.layout.tokenizer
+    stage = Stage(
+        "tokenizer",
+        recipe.layout.manifest("tokenizer"),
+        file_inputs(train_paths + val_paths, recipe.layout.root),
+        {"seed": recipe.seed, "tokenizer": section_dict(cfg), "sentencepiece": spm.__version__},
+        STAGE_VERSION,
+        outputs=[out / n for n in OUTPUTS],
+        hashes=recipe.layout.hashes,
+    )
+    return run_stage(
+        stage, lambda _: _train(recipe, sizes, train_paths, val_paths, progress), force=force
+    )
 
+
+def _train(
+    recipe: Recipe, sizes: list[int], train_paths: list[Path], val_paths: list[Path],
+    progress: bool,
+) -> dict:
+    """The stage's work: sample, train (each candidate size), measure, write the files."""
+    t_start = time.perf_counter()
+    cfg = recipe.tokenizer
+    say = click.echo if progress else (lambda *a, **k: None)
+    out = recipe.layout.tokenizer
     threads = _threads(cfg)
     work = out / ".work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        picked, available = _pick(
-            _scan(train_paths, recipe.seed, "tokenizer-sample"),
+        picked, available = pick(
+            scan(train_paths, recipe.seed, "tokenizer-sample"),
             cfg.sample_docs,
             cfg.max_sample_chars,
         )
         sample_path = work / "sample.txt"
-        sample = {"available_docs": available, **_write_sample(train_paths, picked, sample_path)}
+        sample = {"available_docs": available, **write_sample(train_paths, picked, sample_path)}
         if not sample["chars"]:
             raise UserError(
-                f"{recipe.stage_dir('corpus')}: the training split holds no text to train on; "
+                f"{recipe.layout.corpus}: the training split holds no text to train on; "
                 "check the corpus report and run `make corpus` again"
             )
         say(
@@ -318,7 +217,7 @@ def train_tokenizer(recipe: Recipe, force: bool = False, progress: bool = True) 
             f"documents, {sample['chars']:,} characters, {sample['lines']:,} lines "
             f"(caps: {cfg.sample_docs:,} documents, {cfg.max_sample_chars:,} characters)"
         )
-        eval_docs, eval_split = _eval_docs(recipe, val_paths, train_paths)
+        eval_docs, eval_split = pick_eval_docs(recipe, val_paths, train_paths)
         say(f"tokenizer: measuring on {len(eval_docs)} {eval_split} documents")
         t_sample = time.perf_counter() - t0
 
@@ -357,20 +256,8 @@ def train_tokenizer(recipe: Recipe, force: bool = False, progress: bool = True) 
     write_text(out / "report.md", render_markdown(report))
     outputs = {n: {"hash": hash_file(out / n)} for n in OUTPUTS}
 
-    manifest = {
-        "stage": "tokenizer",
-        "recipe": str(recipe.path),
-        "fingerprint": fingerprint,
-        "inputs": {
-            "corpus_manifest": str(recipe.stage_dir("corpus") / "manifest.json"),
-            "corpus_fingerprint": corpus_manifest.get("fingerprint"),
-            "files": corpus_files,
-        },
-        "parameters": {
-            "seed": recipe.seed,
-            "tokenizer": section_dict(cfg),
-            "sentencepiece": trainer_options(cfg, sp.get_piece_size(), threads),
-        },
+    entries = {
+        "options": trainer_options(cfg, sp.get_piece_size(), threads),
         "vocab_size": sp.get_piece_size(),
         "special_tokens": reserved.as_dict(),
         "counts": {
@@ -391,25 +278,9 @@ def train_tokenizer(recipe: Recipe, force: bool = False, progress: bool = True) 
                 "total": round(time.perf_counter() - t_start, 3),
             },
         },
-        "versions": versions(),
     }
-    write_json(manifest_path, manifest)
     _summary(report, out)
-    return manifest
-
-
-def _eval_docs(
-    recipe: Recipe, val_paths: list[Path], train_paths: list[Path]
-) -> tuple[list[Doc], str]:
-    """Up to eval_docs validation documents, by hash; training documents if val is empty."""
-    n = recipe.tokenizer.eval_docs
-    paths, split = val_paths, "validation"
-    picked, _ = _pick(_scan(val_paths, recipe.seed, "tokenizer-eval"), n, None)
-    if not picked:
-        # No held-out split (val_fraction: 0): measure on training text, and say so.
-        paths, split = train_paths, "training (no validation split)"
-        picked, _ = _pick(_scan(train_paths, recipe.seed, "tokenizer-eval"), n, None)
-    return [doc for _, _, doc in _read(paths, picked)], split
+    return entries
 
 
 def _train_sizes(

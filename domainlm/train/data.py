@@ -14,49 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from domainlm.errors import UserError
-from domainlm.tokenizer.arrays import TokenArrays
-
-
-class TokenWindows(Dataset):
-    """Window i is `tokens[i*seq_len : i*seq_len + seq_len + 1]` as (x, y), y = x shifted by one.
-
-    Windows do not overlap except for the one boundary token, and they cross document
-    boundaries (documents are separated by eos in the array): the usual GPT packing.
-    """
-
-    def __init__(self, arrays: TokenArrays, seq_len: int):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be at least 1, not {seq_len}")
-        self.arrays, self.tokens, self.seq_len = arrays, arrays.tokens, seq_len
-        self.n = max(arrays.num_tokens - 1, 0) // seq_len
-        if self.n == 0:
-            raise UserError(
-                f"the {arrays.split} split of {arrays.directory} has {arrays.num_tokens} tokens, "
-                f"fewer than one window of seq_len + 1 = {seq_len + 1}: set a shorter "
-                "train.seq_len (or plan.seq_len) in the recipe, or add more data"
-            )
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < self.n:
-            raise IndexError(f"window {i} of {self.n}")
-        a = i * self.seq_len
-        w = torch.from_numpy(self.tokens[a : a + self.seq_len + 1].astype(np.int64))
-        return w[:-1], w[1:]
-
-    # A memmap pickles as a full in-memory copy; a worker started by spawn reopens the file.
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["arrays"] = (state["arrays"].directory, state["arrays"].split)
-        del state["tokens"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.arrays = TokenArrays(*state["arrays"])
-        self.tokens = self.arrays.tokens
+from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

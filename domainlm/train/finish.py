@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from domainlm.files import hash_file
+from domainlm.model.decode import generate
+from domainlm.model.evaluate import evaluate_windows
 from domainlm.model.llama import Llama
 from domainlm.recipe import Recipe
 from domainlm.train.settings import RunSettings
@@ -35,22 +37,6 @@ def full_state_dict(module, settings: RunSettings, final_ckpt: Path | None) -> d
     return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
 
 
-@torch.no_grad()
-def evaluate(model: Llama, windows, micro_batch: int, device: torch.device) -> float:
-    """Mean next-token loss (nats) over every window of the validation split."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(windows), micro_batch):
-        batch = [windows[i] for i in range(start, min(start + micro_batch, len(windows)))]
-        x = torch.stack([b[0] for b in batch]).to(device)
-        y = torch.stack([b[1] for b in batch]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, loss = model(x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
-    return total / max(count, 1)
-
-
 def sample(model: Llama, tokenizer_model: Path, prompt: str, tokens: int, seed: int) -> str:
     """A seeded continuation of `prompt` (temperature 0.8, top-k 40)."""
     import sentencepiece as spm
@@ -64,7 +50,8 @@ def sample(model: Llama, tokenizer_model: Path, prompt: str, tokens: int, seed: 
         return ""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(
+    out = generate(
+        model,
         torch.tensor([ids], device=device),
         min(tokens, room),
         temperature=0.8,
@@ -88,12 +75,13 @@ def finish(
     throughput: dict,
     say: Callable[[str], None],
 ) -> dict:
-    from domainlm.export.hf import save_hf_folder
-    from domainlm.train.data import TokenWindows, unigram_baseline
+    from domainlm.model.hf import save_hf_folder
+    from domainlm.tokenizer.arrays import TokenWindows
+    from domainlm.train.data import unigram_baseline
 
     t = recipe.train
-    out = recipe.stage_dir("pretrain")
-    tokenizer_model = recipe.stage_dir("tokenizer") / "tokenizer.model"
+    out = recipe.layout.pretrain
+    tokenizer_model = recipe.layout.tokenizer_model
     device = trainer.strategy.root_device if trainer.strategy.root_device.type == "cuda" else None
     device = device or torch.device("cpu")
     model = Llama(settings.config)
@@ -111,7 +99,7 @@ def finish(
         else None,
     }
     if data.has_val:
-        loss = evaluate(model, TokenWindows(data.val_arrays, settings.seq_len), 16, device)
+        loss = evaluate_windows(model, TokenWindows(data.val_arrays, settings.seq_len)).loss
         metrics.update(
             val_loss=loss,
             val_ppl=math.exp(loss),

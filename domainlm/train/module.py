@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama
 from domainlm.recipe import TrainConfig
+from domainlm.recipe.model import LlamaConfig
 from domainlm.train import optim
 
 

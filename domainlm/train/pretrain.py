@@ -8,8 +8,9 @@ import time
 import click
 
 from domainlm.errors import UserError
-from domainlm.files import hash_file, hash_json, read_json, versions, write_json
+from domainlm.files import hash_json
 from domainlm.recipe import Recipe
+from domainlm.stage import Stage, file_inputs, run_stage
 from domainlm.train.loop import build_trainer, checkpoint_dir, kept_csv_log
 from domainlm.train.settings import RunSettings, resolve
 
@@ -23,49 +24,55 @@ class Interrupted(UserError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint."""
 
 
-def _run_fingerprint(recipe: Recipe, settings: RunSettings) -> str:
-    """What the weights depend on: checkpoints from a run with another fingerprint are stale."""
+def pretrain_stage(recipe: Recipe, settings: RunSettings) -> tuple[Stage, str]:
+    """The stage, and the fingerprint of what the weights depend on (checkpoints of a run with
+    another one are stale): the token arrays, the seed, the resolved run and the train section
+    but for the settings that only change logging or the export."""
+    layout = recipe.layout
+    arrays = sorted(p for p in layout.tokens.iterdir() if p.suffix in (".bin", ".npy"))
+    inputs = file_inputs([*arrays, layout.tokens / "meta.json", layout.tokenizer_model],
+                         layout.root)
     train = {k: v for k, v in dataclasses.asdict(recipe.train).items() if k not in COSMETIC}
-    tokens = recipe.stage_dir("tokens")
-    return hash_json(
-        [
-            STAGE_VERSION,
-            recipe.seed,
-            settings.to_dict(),
-            train,
-            hash_file(tokens / "meta.json"),
-            hash_file(tokens / "manifest.json"),
-        ]
-    )
-
-
-def _stage_fingerprint(recipe: Recipe, run_fp: str) -> str:
+    weights = {"seed": recipe.seed, "settings": settings.to_dict(), "train": train}
     t = recipe.train
-    return hash_json([run_fp, t.export_dtype, t.sample_prompt, t.sample_tokens, t.val_batches])
+    outputs = {k: getattr(t, k) for k in ("export_dtype", "sample_prompt", "sample_tokens")}
+    stage = Stage(
+        "pretrain",
+        layout.manifest("pretrain"),
+        inputs,
+        {**weights, "outputs": outputs, "val_batches": t.val_batches},
+        STAGE_VERSION,
+        outputs=[layout.pretrain_model / "config.json"],
+        hashes=layout.hashes,
+    )
+    return stage, hash_json([STAGE_VERSION, stage.input_hashes(), weights])
 
 
 def pretrain(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict:
     """Train (or resume) build/<run>/pretrain/ and export model/; returns the manifest."""
+    settings = resolve(recipe)
+    if not (recipe.layout.manifest("tokens")).is_file():
+        raise UserError(
+            f"{recipe.layout.tokens} is not built: run `make tokens RECIPE={recipe.path}` first"
+        )
+    stage, run_fp = pretrain_stage(recipe, settings)
+    return run_stage(
+        stage, lambda _: _train(recipe, settings, run_fp, force, progress), force=force
+    )
+
+
+def _train(
+    recipe: Recipe, settings: RunSettings, run_fp: str, force: bool, progress: bool
+) -> dict | None:
+    """The stage's work: train from the newest checkpoint of this run (or afresh), then finish."""
     import lightning as L
 
     from domainlm.train.data import PretrainData
     from domainlm.train.finish import finish
     from domainlm.train.module import PretrainModule
 
-    t_start = time.time()
     say = click.echo
-    out = recipe.stage_dir("pretrain")
-    settings = resolve(recipe)
-    run_fp = _run_fingerprint(recipe, settings)
-    fingerprint = _stage_fingerprint(recipe, run_fp)
-    manifest_path = out / "manifest.json"
-    if not force and manifest_path.exists():
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint and (out / "model" / "config.json").exists():
-            say(f"pretrain: up to date ({manifest_path}); nothing to do")
-            return old
-    if manifest_path.exists():
-        manifest_path.unlink()  # incomplete until a new manifest is written
+    out = recipe.layout.pretrain
     ckpt_dir, resume = checkpoint_dir(out, run_fp, force, say)
 
     t = recipe.train
@@ -84,7 +91,7 @@ def pretrain(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
 
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     data = PretrainData(
-        recipe.stage_dir("tokens"),
+        recipe.layout.tokens,
         seq_len=s.seq_len,
         micro_batch=s.micro_batch,
         grad_accum=s.grad_accum,
@@ -127,7 +134,7 @@ def pretrain(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
     if sharded:
         trainer.save_checkpoint(ckpt_dir / "final.ckpt")
     if trainer.global_rank != 0:
-        return {}
+        return None
     manifest = finish(
         recipe,
         settings,
@@ -140,13 +147,8 @@ def pretrain(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
         say=say,
     )
     manifest.update(
-        fingerprint=fingerprint,
         run_fingerprint=run_fp,
-        stage_version=STAGE_VERSION,
         settings=s.to_dict(),
         resumed_from=str(resume) if resume else None,
-        seconds=round(time.time() - t_start, 1),
-        versions=versions(),
     )
-    write_json(manifest_path, manifest)
     return manifest

@@ -4,6 +4,7 @@ clear error for each choice this machine cannot run."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 
 from domainlm.errors import UserError
 from domainlm.files import read_json
-from domainlm.model.config import LlamaConfig
+from domainlm.plan.record import Plan
 from domainlm.recipe import Recipe
+from domainlm.recipe.model import LlamaConfig
 
 GPU_ONLY_STRATEGIES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 
@@ -31,7 +33,7 @@ class RunSettings:
     strategy: str  # auto, ddp, fsdp, deepspeed_stage_2, deepspeed_stage_3
     precision: str
     checkpointing: bool
-    plan: dict | None = None
+    plan: Plan | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -48,7 +50,7 @@ class RunSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.config.to_hf_dict(None, None, None) | {"params": self.params},
+            "model": self.config.to_dict(),
             "seq_len": self.seq_len,
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
@@ -69,8 +71,8 @@ class RunSettings:
         return self.config.num_params()
 
 
-def _read_plan(recipe: Recipe, needed: list[str]) -> dict | None:
-    path = recipe.run_dir / "plan.json"
+def _read_plan(recipe: Recipe, needed: list[str]) -> Plan | None:
+    path = recipe.layout.plan
     if not path.exists():
         if needed:
             raise UserError(
@@ -78,12 +80,7 @@ def _read_plan(recipe: Recipe, needed: list[str]) -> dict | None:
                 f"`make plan RECIPE={recipe.path}` first, or set them in the recipe"
             )
         return None
-    try:
-        plan = read_json(path)
-        plan["shape"], plan["strategy"], plan["tokens"]  # noqa: B018 - the keys we read
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable ({e}): run `make plan` again") from None
-    return plan
+    return Plan.read(path)
 
 
 def resolve_accelerator(requested: str) -> str:
@@ -98,11 +95,11 @@ def resolve_accelerator(requested: str) -> str:
     return requested
 
 
-def _strategy(recipe: Recipe, plan: dict | None, accelerator: str, world: int) -> str:
+def _strategy(recipe: Recipe, plan: Plan | None, accelerator: str, world: int) -> str:
     t = recipe.train
     name = t.strategy
     if name == "plan":
-        planned = (plan or {}).get("strategy", {}).get("lightning", "auto")
+        planned = plan.strategy if plan else "auto"
         name = {"deepspeed_stage_2": "deepspeed", "deepspeed_stage_3": "deepspeed"}.get(
             planned, planned
         )
@@ -131,23 +128,17 @@ def resolve(recipe: Recipe) -> RunSettings:
 
     vocab = _vocab(recipe)
     if m.from_plan:
-        s = plan["shape"]
-        if s["vocab_size"] != vocab:
+        if plan.shape.vocab_size != vocab:
             raise UserError(
-                f"plan.json was made for a vocabulary of {s['vocab_size']}, but the tokenizer has "
-                f"{vocab}: run `make plan` again"
+                f"plan.json was made for a vocabulary of {plan.shape.vocab_size}, but the "
+                f"tokenizer has {vocab}: run `make plan` again"
             )
-        shape = {k: s[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim")}
-        extra = {k: s[k] for k in ("tie_embeddings", "rope_theta", "norm_eps") if k in s}
+        shape = plan.shape
     else:
-        shape = {k: getattr(m, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads")}
-        shape["ffn_dim"] = m.ffn_dim
-        extra = {"tie_embeddings": m.tie_embeddings, "rope_theta": m.rope_theta}
-        extra["norm_eps"] = m.norm_eps
-    strat = (plan or {}).get("strategy", {})
-    seq_len = t.seq_len or strat.get("seq_len") or recipe.plan.seq_len
+        shape = m.shape(vocab)
+    seq_len = t.seq_len or (plan.seq_len if plan else recipe.plan.seq_len)
     max_seq = max(seq_len, m.max_seq_len if not m.from_plan else seq_len)
-    config = LlamaConfig(vocab_size=vocab, **shape, max_seq_len=max_seq, **extra)
+    config = dataclasses.replace(shape, max_seq_len=max_seq)
 
     for key in ("micro_batch", "grad_accum", "tokens", "seq_len", "devices", "num_nodes"):
         value = getattr(t, key)
@@ -163,14 +154,14 @@ def resolve(recipe: Recipe) -> RunSettings:
             f"train.devices is {devices} but this machine has {torch.cuda.device_count()} GPU(s)"
         )
     world = devices * t.num_nodes
-    micro = t.micro_batch or strat.get("micro_batch") or 1
+    micro = t.micro_batch or (plan.micro_batch if plan else 1)
     if t.grad_accum:
         accum = t.grad_accum
     else:
         # Keep the plan's global batch whatever the number of devices.
-        sequences = strat.get("global_batch_sequences") or micro * world
+        sequences = plan.global_batch_sequences if plan else micro * world
         accum = max(1, math.ceil(sequences / (micro * world)))
-    tokens = t.tokens or int(plan["tokens"])
+    tokens = t.tokens or int(plan.tokens)
     per_step = micro * accum * world * seq_len
     steps = max(1, math.ceil(tokens / per_step))
 
@@ -184,7 +175,7 @@ def resolve(recipe: Recipe) -> RunSettings:
         notes.append("torch.compile on the CPU: the first steps compile for a while")
     checkpointing = t.activation_checkpointing
     if checkpointing is None:
-        checkpointing = bool(strat.get("activation_checkpointing", False))
+        checkpointing = plan.activation_checkpointing if plan else False
     return RunSettings(
         config=config,
         seq_len=seq_len,
@@ -203,7 +194,7 @@ def resolve(recipe: Recipe) -> RunSettings:
 
 
 def _vocab(recipe: Recipe) -> int:
-    meta = recipe.stage_dir("tokens") / "meta.json"
+    meta = recipe.layout.tokens / "meta.json"
     if not meta.exists():
         raise UserError(f"{meta} does not exist: run `make tokens RECIPE={recipe.path}` first")
     try:

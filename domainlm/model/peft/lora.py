@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from domainlm.errors import UserError
-from domainlm.export.quantize import QuantLinear
 from domainlm.files import atomic_dir, write_json
 from domainlm.model.llama import Llama
 from domainlm.model.peft.files import read_adapter_folder, save_tensors
+from domainlm.model.quantized import QuantLinear
 from domainlm.recipe.finetune import LoRAConfig
 
+ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
 # Every Linear of a block, by leaf name, and the sub-module that holds it.
 TARGETS = {
     "q_proj": "self_attn",

@@ -13,16 +13,16 @@ from pathlib import Path
 from torch import nn
 
 from domainlm.errors import UserError
-from domainlm.export.hf import load_hf_folder, save_hf_folder
+from domainlm.model.hf import load_hf_folder, save_hf_folder
 from domainlm.model.llama import Llama
 from domainlm.model.peft.adapter import add_adapters, load_adapters, save_adapters
-from domainlm.model.peft.lora import add_lora, load_lora, save_lora
+from domainlm.model.peft.lora import ADAPTER_NAME, add_lora, load_lora, save_lora
 from domainlm.model.peft.prompt import PromptTuned, load_prompt, save_prompt
+from domainlm.model.peft.qlora import add_qlora, quantized_layers
 from domainlm.model.peft.selective import select
 from domainlm.recipe.finetune import FinetuneConfig
 
 METHODS = ("full", "lora", "qlora", "adapter", "prompt", "selective")
-ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
 
 
 @dataclass(frozen=True)
@@ -50,25 +50,31 @@ def _check_method(method: str) -> None:
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) over distinct parameters: parameters() yields a tied one once."""
+    """(trainable, total) over distinct parameters: parameters() yields a tied one once. A
+    quantized (QLoRA) base's weights count as parameters, one per weight, as on the float base,
+    so LoRA and QLoRA report the same totals."""
     params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(m.in_features * m.out_features for m in quantized_layers(module))
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) + quantized
 
 
 def prepare(base: Llama, method: str, ft: FinetuneConfig) -> tuple[nn.Module, MethodInfo]:
     """The module to train for `method` and what it trains.
 
     `base` itself is left untouched (the module holds a deep copy), so one loaded base can
-    be prepared for several methods in turn. Parameters that must not train have
-    requires_grad False; an optimizer should take only those that have it True.
+    be prepared for several methods in turn. The module is returned in training mode.
+    Parameters that must not train have requires_grad False; an optimizer should take only
+    those that have it True.
     """
     _check_method(method)
+    module: nn.Module
     if method == "qlora":
-        from domainlm.model.peft.qlora import prepare_qlora  # it builds on this module
-
-        return prepare_qlora(base, ft)  # quantizes a copy: `base` stays as it was
+        module = add_qlora(base, ft)  # quantizes a copy: `base` stays as it was
+        trainable, total = count_parameters(module)
+        return module.train(), MethodInfo(method, trainable, total, float(ft.qlora.lr))
     model = copy.deepcopy(base)
-    module: nn.Module = model
+    module = model
     if method == "full":
         model.requires_grad_(True)
     elif method == "selective":
@@ -83,7 +89,8 @@ def prepare(base: Llama, method: str, ft: FinetuneConfig) -> tuple[nn.Module, Me
         module = PromptTuned(model, ft.prompt.virtual_tokens)
     lr = getattr(ft, method).lr
     trainable, total = count_parameters(module)
-    return module, MethodInfo(method, trainable, total, float(lr))
+    # In training mode (a loaded base is in eval mode): LoRA's dropout, and any dropout, applies.
+    return module.train(), MethodInfo(method, trainable, total, float(lr))
 
 
 def save(

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from domainlm.errors import UserError
 from domainlm.files import atomic_dir, write_json
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import IGNORE_INDEX, KVCache, Llama
 from domainlm.model.peft.files import read_adapter_folder, save_tensors
+from domainlm.recipe.model import LlamaConfig
 
 KIND = "PROMPT_TUNING"
 KEY = "prompt_embeddings"  # PEFT's key in adapter_model.safetensors
@@ -69,38 +69,6 @@ class PromptTuned(nn.Module):
             targets = torch.cat((ignore, targets), dim=1)
         logits, loss = self.base(inputs_embeds=x, targets=targets, cache=cache)
         return logits[:, n:], loss
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Llama.generate's contract; the virtual tokens count against max_seq_len."""
-        limit = self.config.max_seq_len
-        if self.n_virtual + idx.size(1) + max_new_tokens > limit:
-            raise ValueError(
-                f"{self.n_virtual} virtual tokens + prompt ({idx.size(1)}) + max_new_tokens "
-                f"({max_new_tokens}) exceed max_seq_len {limit}"
-            )
-        # Llama's decoding loop only calls self(ids, cache=...) and reads self.config, which
-        # this module provides with the same meaning, so it is reused rather than copied.
-        return Llama.generate(
-            self,  # type: ignore[arg-type]
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            eos_id=eos_id,
-            use_cache=use_cache,
-            generator=generator,
-        )
 
 
 def save_prompt(module: PromptTuned, out_dir: Path, base_model: str | None) -> Path:

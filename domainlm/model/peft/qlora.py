@@ -1,7 +1,7 @@
 """QLoRA (Dettmers et al. 2023): LoRA adapters trained over a frozen base whose block projections
 are quantized to 4 bits, so the base costs about 0.6 byte per weight instead of 2 or 4.
 
-Two departures from the paper: the base is int4 in asymmetric groups (export/quantize.py), not
+Two departures from the paper: the base is int4 in asymmetric groups (model/quantized.py), not
 NF4 with double-quantized scales, and there is no paged optimizer. The adapter saved is a plain
 PEFT LoRA folder: it was fitted to a base that differs from the float one only by quantization
 error, so it also loads (load_lora) and works on the bf16/fp32 base, in peft and vLLM as well.
@@ -11,34 +11,27 @@ from __future__ import annotations
 
 from torch import nn
 
-from domainlm.export.quantize import QuantLinear, quantize_model
 from domainlm.model.llama import Llama
-from domainlm.model.peft.lora import add_lora
-from domainlm.model.peft.methods import ADAPTER_NAME, MethodInfo, count_parameters
+from domainlm.model.peft.lora import ADAPTER_NAME, add_lora
+from domainlm.model.quantized import QuantLinear, quantize_model
 from domainlm.recipe.finetune import FinetuneConfig
 
 GROUP_SIZE_FIELD = "finetune.qlora.group_size"
 
 
-def prepare_qlora(base: Llama, ft: FinetuneConfig) -> tuple[Llama, MethodInfo]:
+def add_qlora(base: Llama, ft: FinetuneConfig) -> Llama:
     """A copy of `base` with int4 block projections (ft.qlora.group_size), all of it frozen, and
-    LoRA adapters (ft.lora) over the quantized projections; lr is ft.qlora.lr.
-
-    The counts treat each quantized weight as one parameter, as for LoRA on the float base, so
-    the two methods report the same totals.
-    """
+    LoRA adapters (ft.lora) over the quantized projections."""
     model = quantize_model(base, 4, ft.qlora.group_size, field=GROUP_SIZE_FIELD)
     model.requires_grad_(False)
     add_lora(model, ft.lora, ADAPTER_NAME)
-    trainable, total = count_parameters(model)
-    total += sum(m.in_features * m.out_features for m in _quantized(model))
-    return model, MethodInfo("qlora", trainable, total, float(ft.qlora.lr))
+    return model
 
 
 def base_memory_bytes(module: nn.Module) -> int:
     """Bytes of the quantized base's storage: codes, scales and minima of every QuantLinear."""
-    return sum(m.weight_bytes() for m in _quantized(module))
+    return sum(m.weight_bytes() for m in quantized_layers(module))
 
 
-def _quantized(module: nn.Module) -> list[QuantLinear]:
+def quantized_layers(module: nn.Module) -> list[QuantLinear]:
     return [m for m in module.modules() if isinstance(m, QuantLinear)]

@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from domainlm.errors import UserError
-from domainlm.export.hf_tokenizer import read_model_proto, write_tokenizer_files
 from domainlm.files import atomic_dir, read_json, write_json
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama, RotaryEmbedding
+from domainlm.recipe.model import LlamaConfig
+from domainlm.tokenizer.hf_files import read_model_proto, write_tokenizer_files
 from domainlm.tokenizer.special import SpecialTokens
 
 # Every projection of a block, as (sub-module, leaf). The token embedding and the output head stay

@@ -32,10 +32,10 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from domainlm.errors import UserError
-from domainlm.export.hf_tokenizer import read_model_proto
 from domainlm.files import atomic_path
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama
+from domainlm.recipe.model import LlamaConfig
+from domainlm.tokenizer.hf_files import read_model_proto
 from domainlm.tokenizer.special import SpecialTokens
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"

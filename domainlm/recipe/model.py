@@ -1,9 +1,11 @@
-"""The decoder's shape (LlamaConfig): sizes, exact parameter and FLOP counts, HF config.json."""
+"""The decoder's shape, described once: LlamaConfig (sizes, exact parameter and FLOP counts, its
+config.json form). The recipe's `model:` section loads into it, the planner searches over it,
+plan.json carries it, and the decoder is built from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from domainlm.errors import UserError
 
@@ -12,40 +14,29 @@ class ModelConfigError(UserError, ValueError):
     """A model shape that cannot be built; the message names the field and the fix."""
 
 
-class _ModelSection(Protocol):
-    """The fields of the recipe's `model:` section that shape the decoder (recipe.ModelConfig)."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    max_seq_len: int
-    tie_embeddings: bool
-    rope_theta: float
-    norm_eps: float
-
-
 @dataclass
 class LlamaConfig:
     """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases."""
 
-    vocab_size: int
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int  # fewer than n_heads: grouped-query attention; 1: multi-query attention
-    ffn_dim: int  # SwiGLU hidden size
-    max_seq_len: int = 1024
+    # The tokenizer's vocabulary size; never set in a recipe (None there: the tokenizer decides).
+    vocab_size: int | None = field(default=None, metadata={"recipe": False})
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 4  # fewer than n_heads: grouped-query attention; 1: multi-query attention
+    ffn_dim: int = 704  # SwiGLU hidden size
+    max_seq_len: int = 1024  # positions (RoPE table); training uses train/plan seq_len
     tie_embeddings: bool = True  # the output projection reuses the token embedding
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the initial weights (residual projections scaled down)
 
     def __post_init__(self) -> None:
         sizes = "vocab_size n_layers d_model n_heads n_kv_heads ffn_dim max_seq_len".split()
         for name in sizes:
             value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"model.{name} must be a positive integer, got {value!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -72,20 +63,49 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def shape(self, vocab_size: int | None = None) -> LlamaConfig:
+        """This shape as a plain LlamaConfig (a recipe section drops its own settings), with
+        vocab_size set when given."""
+        values = {f.name: getattr(self, f.name) for f in fields(LlamaConfig)}
+        if vocab_size is not None:
+            values["vocab_size"] = vocab_size
+        return LlamaConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields plus head_dim and the exact parameter count (plan.json's `shape`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(LlamaConfig)}
+        return {**out, "head_dim": self.head_dim, "params": self.num_params()}
+
     @classmethod
-    def from_model_section(cls, model: _ModelSection, vocab_size: int) -> LlamaConfig:
-        """Build from the recipe's `model:` section and the trained tokenizer's vocabulary size."""
-        return cls(
-            vocab_size=vocab_size,
-            n_layers=model.n_layers,
-            d_model=model.d_model,
-            n_heads=model.n_heads,
-            n_kv_heads=model.n_kv_heads,
-            ffn_dim=model.ffn_dim,
-            max_seq_len=model.max_seq_len,
-            tie_embeddings=model.tie_embeddings,
-            rope_theta=model.rope_theta,
-            norm_eps=model.norm_eps,
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        """Read to_dict's output back (derived entries are ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(LlamaConfig) if f.name in d})
+
+    @property
+    def embedding_params(self) -> int:
+        return self._vocab * self.d_model
+
+    @property
+    def layer_params(self) -> int:
+        """One block: q, k, v, o without bias, SwiGLU gate/up/down, two RMSNorm weights."""
+        d, kv_dim = self.d_model, self.n_kv_heads * self.head_dim
+        return 2 * d * d + 2 * d * kv_dim + 3 * d * self.ffn_dim + 2 * d
+
+    @property
+    def _vocab(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("this shape has no vocab_size yet (it comes from the tokenizer)")
+        return self.vocab_size
+
+    def describe(self) -> str:
+        heads = "head" if self.n_heads == 1 else "heads"
+        attention = f"{self.n_heads} {heads} of {self.head_dim}"
+        if self.n_kv_heads != self.n_heads:
+            attention += f", {self.n_kv_heads} kv heads"
+        tied = "tied" if self.tie_embeddings else "untied"
+        return (
+            f"{self.n_layers} layers, d_model {self.d_model}, {attention}, ffn {self.ffn_dim}, "
+            f"vocab {self.vocab_size} ({tied} embeddings)"
         )
 
     # ----------------------------------------------------------------------------------------
@@ -97,15 +117,10 @@ class LlamaConfig:
         Without embeddings, the token embedding and (when untied) the output projection are left
         out: Kaplan et al.'s "non-embedding" count, which the scaling laws are written in.
         """
-        d, kv_dim = self.d_model, self.n_kv_heads * self.head_dim
-        attention = 2 * d * d + 2 * d * kv_dim  # q, o: d x d; k, v: d x kv_dim
-        mlp = 3 * d * self.ffn_dim  # gate, up, down
-        norms = 2 * d
-        body = self.n_layers * (attention + mlp + norms) + d  # + the final norm
+        body = self.n_layers * self.layer_params + self.d_model  # + the final norm
         if not include_embeddings:
             return body
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return body + embeddings
+        return body + self.embedding_params * (1 if self.tie_embeddings else 2)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token, by PaLM's formula 6N + 12·L·d·s.
@@ -119,7 +134,7 @@ class LlamaConfig:
         seq_len defaults to max_seq_len.
         """
         s = self.max_seq_len if seq_len is None else seq_len
-        n = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+        n = self.num_params(include_embeddings=False) + self.embedding_params
         return 6.0 * n + 12.0 * self.n_layers * self.d_model * s
 
     # ----------------------------------------------------------------------------------------
@@ -206,3 +221,11 @@ class LlamaConfig:
             norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             init_std=float(d.get("initializer_range", 0.02)),
         )
+
+
+@dataclass
+class ModelConfig(LlamaConfig):
+    """The recipe's `model:` section: a decoder shape (LlamaConfig's fields, vocab_size from the
+    tokenizer), or, with from_plan, the shape `make plan` chose."""
+
+    from_plan: bool = True  # take the shape from plan.json; false: the fields here

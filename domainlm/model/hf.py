@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from domainlm.errors import UserError
-from domainlm.export.hf_tokenizer import read_model_proto, write_tokenizer_files
 from domainlm.files import atomic_dir, read_json, write_json
-from domainlm.model.config import LlamaConfig
 from domainlm.model.llama import Llama
+from domainlm.recipe.model import LlamaConfig
+from domainlm.tokenizer.hf_files import read_model_proto, write_tokenizer_files
 from domainlm.tokenizer.special import SpecialTokens
 
 DTYPES: dict[str, torch.dtype] = {

@@ -1,31 +1,21 @@
-"""Text generation: sampling (greedy, temperature, top-k, top-p), stop strings, streamed text, and
-an Engine that serves one base model with any number of LoRA adapters switched per request."""
+"""The one decoding engine: sampling (greedy, temperature, top-k, top-p) over any model with the
+decoder's contract, batched token ids for tests and scripts, and streamed text with stop strings
+for `domainlm generate`, `domainlm serve`, fine-tuning's scoring and evaluation."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import sentencepiece as spm
 import torch
 from torch import Tensor, nn
 
 from domainlm.errors import UserError
-from domainlm.export.hf import load_hf_folder
-from domainlm.files import read_json
-from domainlm.finetune.templates import BUILTIN, Template, load_template
-from domainlm.model.peft.lora import load_lora, set_adapter
 from domainlm.tokenizer.special import EOS_ID
 
-ROLES = ("system", "user", "assistant")
-Prompt = str | list[dict]  # a text prompt, or chat messages ({role, content})
-Tokenizer = spm.SentencePieceProcessor
 _REPLACEMENT = "\ufffd"  # what SentencePiece decodes an incomplete UTF-8 byte sequence to
 
 
@@ -39,10 +29,6 @@ class ParamError(UserError, ValueError):
 
 class ContextError(UserError, ValueError):
     """The prompt plus the tokens to generate do not fit in the model's context."""
-
-
-class UnknownModel(UserError, LookupError):
-    """A model name that is neither the base model nor one of its adapters."""
 
 
 def _is_int(v: Any) -> bool:
@@ -103,7 +89,7 @@ def context_length(model: nn.Module) -> int:
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Logits with -inf outside the nucleus: the smallest set of the most probable tokens whose
-    probabilities sum to at least top_p (Holtzman et al. 2020)."""
+    probabilities sum to at least top_p (Holtzman et al. 2020). Works on (..., vocab)."""
     if top_p >= 1:
         return logits
     probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
@@ -113,17 +99,82 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """The next id from the last position's logits (vocab,)."""
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """The next ids (B,) from the last position's logits (B, vocab)."""
     if params.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k).values[-1]
+        kth = torch.topk(logits, params.top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p is not None:
         logits = top_p_filter(logits, params.top_p)
-    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def steps(
+    model: nn.Module, idx: Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> Iterator[Tensor]:
+    """The decoding loop: the next ids (B,) after idx (B, T), one step per iteration, for as
+    long as the caller iterates. With the KV cache each step feeds only the new token."""
+    cache: list | None = [] if params.use_cache else None
+    seq, step = idx, idx
+    while True:
+        # Grad mode is thread state: set per call, never held across a yield.
+        with torch.no_grad():
+            logits = model(step, cache=cache)[0][:, -1]
+        nxt = sample(logits, params, generator)
+        yield nxt
+        seq = torch.cat((seq, nxt[:, None]), dim=1)
+        step = nxt[:, None] if cache is not None else seq
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def generate(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Continue idx (B, T) by up to max_new_tokens ids; greedy when temperature is 0.
+
+    Rows that have produced eos_id are padded with it; generation stops early once every
+    row has. Returns (B, T + generated).
+    """
+    limit = context_length(model)
+    if idx.size(1) + max_new_tokens > limit:
+        virtual = model.config.max_seq_len - limit
+        held = f" ({virtual} of its positions hold virtual tokens)" if virtual else ""
+        raise ContextError(
+            f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceed the model's "
+            f"context of {limit} tokens{held}"
+        )
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, use_cache=use_cache)
+    out = [idx]
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for i, nxt in enumerate(steps(model, idx, params, generator)):
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done, eos_id)
+            done = done | (nxt == eos_id)
+        out.append(nxt[:, None])
+        if i + 1 >= max_new_tokens or (eos_id is not None and bool(done.all())):
+            break
+    return torch.cat(out, dim=1)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
@@ -147,9 +198,9 @@ def _safe_end(text: str, stops: list[str]) -> int:
 class TextStream:
     """An iterator of decoded text pieces. Once the last piece is out, `text`, `finish_reason`
     and `token_ids` (the generated ids, eos included) are set; `completion_tokens` counts the
-    ids generated so far. `close()` ends it early (and frees the engine)."""
+    ids generated so far. `close()` ends it early (and runs the session's exit)."""
 
-    def __init__(self, model: nn.Module, sp: Tokenizer, prompt_ids: list[int],
+    def __init__(self, model: nn.Module, sp: Any, prompt_ids: list[int],
                  params: SamplingParams, *, truncate: bool = True,
                  session: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         limit = context_length(model)
@@ -186,29 +237,20 @@ class TextStream:
         return next(self._gen)
 
     def close(self) -> None:
-        self._gen.close()  # runs the session's exit: the engine's lock is released
+        self._gen.close()  # runs the session's exit: an engine's lock is released
 
     def _run(self) -> Iterator[str]:
         with self._session():
             yield from self._decode()
 
     def _decode(self) -> Iterator[str]:
-        model, p = self.model, self.params
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device)
-        if p.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(p.seed)
-        cache: list | None = [] if p.use_cache else None
+        p = self.params
+        device = next(self.model.parameters()).device
+        idx = torch.tensor([self.prompt_ids], device=device)
         new: list[int] = []
         emitted, longest_stop = 0, max((len(s) for s in p.stop), default=0)
-        step = torch.tensor([self.prompt_ids], device=device)
-        while True:
-            # Grad mode is thread state: set per call, never held across a yield.
-            with torch.no_grad():
-                logits = model(step, cache=cache)[0][0, -1]
-            token = next_token(logits, p, generator)
+        for nxt in steps(self.model, idx, p, _generator(device, p.seed)):
+            token = int(nxt[0])
             self.token_ids.append(token)
             self.completion_tokens += 1
             if token == EOS_ID:
@@ -229,14 +271,12 @@ class TextStream:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            ids = [token] if cache is not None else self.prompt_ids + new
-            step = torch.tensor([ids], device=device)
         self.text = self.sp.decode(new)
         if len(self.text) > emitted:
             yield self.text[emitted:]
 
 
-def stream(model: nn.Module, sp: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+def stream(model: nn.Module, sp: Any, prompt_ids: list[int], params: SamplingParams,
            *, truncate: bool = True) -> TextStream:
     """Text pieces of the continuation of prompt_ids, as they are decoded. A prompt that does
     not leave room for max_new_tokens loses tokens from the left (truncate) or is refused."""
@@ -249,102 +289,7 @@ def collect(pieces: TextStream) -> Completion:
                       pieces.completion_tokens)
 
 
-def complete(model: nn.Module, sp: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+def complete(model: nn.Module, sp: Any, prompt_ids: list[int], params: SamplingParams,
              *, truncate: bool = True) -> Completion:
     """(text, finish_reason, prompt_tokens, completion_tokens) of one whole generation."""
     return collect(stream(model, sp, prompt_ids, params, truncate=truncate))
-
-
-def chat_template(folder: Path) -> Template:
-    """The folder's chat template (tokenizer_config.json), else the built-in `chat`."""
-    path = Path(folder) / "tokenizer_config.json"
-    source = read_json(path).get("chat_template") if path.is_file() else None
-    if isinstance(source, list):  # transformers' named templates: take the default one
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    if not source:
-        return load_template("chat")
-    builtin = next((name for name, text in BUILTIN.items() if text == source), None)
-    return load_template(builtin) if builtin else Template(f"{path} chat_template", source)
-
-
-class Engine:
-    """One base model loaded once, its tokenizer and chat template, and LoRA adapters loaded onto
-    that same base; each request names the base or an adapter.
-
-    A request holds one lock for its whole generation, from selecting its adapter with
-    set_adapter to its last token, so concurrent requests never mix adapters, and generation is
-    serialized: one request at a time. That is fine for a CPU reference server; vLLM (which
-    batches requests and serves several LoRA adapters at once from the same exported folders) is
-    the production path.
-    """
-
-    def __init__(self, model_dir: Path, adapters: dict[str, Path] | None = None,
-                 name: str | None = None) -> None:
-        model_dir = Path(model_dir)
-        self.model = load_hf_folder(model_dir)
-        tokenizer = model_dir / "tokenizer.model"
-        if not tokenizer.is_file():
-            raise UserError(f"{tokenizer} is missing: export the model folder with its tokenizer")
-        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-        self.template = chat_template(model_dir)
-        folder = model_dir.resolve()
-        # build/<run>/sft/full/model → "full": the folder named "model" says nothing.
-        self.name = name or (folder.parent.name if folder.name == "model" else folder.name)
-        self.adapters: dict[str, Path] = {}
-        for adapter, path in (adapters or {}).items():
-            if not adapter or adapter == self.name or adapter in self.adapters:
-                raise UserError(
-                    f"adapter name {adapter!r} is empty or already taken (the base model is "
-                    f"{self.name!r}); give every adapter its own name"
-                )
-            load_lora(self.model, Path(path), adapter)
-            self.adapters[adapter] = Path(path)
-        set_adapter(self.model, None)
-        self.model.eval()
-        self.context = context_length(self.model)
-        self._lock = threading.Lock()
-
-    def models(self) -> list[str]:
-        """The names requests can use: the base model first, then the adapters."""
-        return [self.name, *self.adapters]
-
-    def encode(self, prompt: Prompt) -> tuple[list[int], list[str]]:
-        """Token ids of a text prompt, or of messages rendered by the chat template with the
-        assistant's turn opened; and the stop strings that the prompt's format implies."""
-        if isinstance(prompt, str):
-            return self.sp.encode(prompt), []
-        if not isinstance(prompt, list) or not prompt:
-            raise ParamError("messages", "must be a non-empty list of {role, content} objects")
-        for i, m in enumerate(prompt):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ParamError(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}")
-            if not isinstance(m.get("content"), str):
-                raise ParamError(f"messages[{i}].content", "must be a string")
-        text = self.template.render(prompt, add_generation_prompt=True)
-        return self.sp.encode(text), [self.template.stop] if self.template.stop else []
-
-    def stream(self, model: str, prompt: Prompt, params: SamplingParams | None = None, *,
-               truncate: bool = True) -> TextStream:
-        """The streamed generation for `model` (base or adapter name); errors in the request are
-        raised here, before any text; the engine's lock is taken at the first piece."""
-        if model not in self.models():
-            raise UnknownModel(f"model {model!r} does not exist; this server has {self.models()}")
-        adapter = None if model == self.name else model
-        params = params or SamplingParams()
-        ids, stops = self.encode(prompt)
-        extra = [s for s in stops if s not in params.stop]
-        if extra:
-            params = dataclasses.replace(params, stop=[*params.stop, *extra])
-        return TextStream(self.model, self.sp, ids, params, truncate=truncate,
-                          session=lambda: self._session(adapter))
-
-    def generate(self, model: str, prompt: Prompt, params: SamplingParams | None = None, *,
-                 truncate: bool = True) -> Completion:
-        """One whole generation for `model`; messages are rendered with the chat template."""
-        return collect(self.stream(model, prompt, params, truncate=truncate))
-
-    @contextlib.contextmanager
-    def _session(self, adapter: str | None) -> Iterator[None]:
-        with self._lock:
-            set_adapter(self.model, adapter)
-            yield

@@ -12,6 +12,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from domainlm.errors import UserError
+from domainlm.files import read_json
 from domainlm.tokenizer import special
 
 # The templates never write eos_token: SentencePiece spells the text "</s>" in ordinary pieces,
@@ -168,3 +169,15 @@ def load_template(name_or_path: str) -> Template:
     template = Template(str(path), source)
     template.prompt_and_completion(_PROBE)
     return template
+
+
+def chat_template(folder: Path) -> Template:
+    """The folder's chat template (tokenizer_config.json), else the built-in `chat`."""
+    path = Path(folder) / "tokenizer_config.json"
+    source = read_json(path).get("chat_template") if path.is_file() else None
+    if isinstance(source, list):  # transformers' named templates: take the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if not source:
+        return load_template("chat")
+    builtin = next((name for name, text in BUILTIN.items() if text == source), None)
+    return load_template(builtin) if builtin else Template(f"{path} chat_template", source)

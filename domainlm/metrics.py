@@ -1,5 +1,5 @@
 """Generation metrics by their reference implementations: ROUGE (rouge-score), BLEU
-(sacrebleu), and exact match."""
+(sacrebleu), and exact match, every one on the same 0-1 scale."""
 
 from __future__ import annotations
 
@@ -46,16 +46,17 @@ def exact_match(references: Sequence[str], predictions: Sequence[str]) -> float:
 
 
 def bleu(references: Sequence[str], predictions: Sequence[str]) -> float:
-    """Corpus BLEU (0-100) as sacrebleu computes it, with its default 13a tokenizer."""
+    """Corpus BLEU as sacrebleu computes it (default 13a tokenizer), on 0-1 like the others:
+    sacrebleu's 0-100 score divided by 100."""
     import sacrebleu
 
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
-    return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+    return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100.0
 
 
 def all_metrics(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """BLEU (0-100), ROUGE-1/2/L F-measure and exact match (0-1) of prediction/reference pairs."""
+    """BLEU, ROUGE-1/2/L F-measure and exact match of prediction/reference pairs, all 0-1."""
     return {
         "bleu": bleu(references, predictions),
         **rouge(references, predictions),

@@ -1,16 +1,22 @@
-"""Load any model this project writes, for evaluation: a Hugging Face folder, a quantized
-folder, a GGUF file, or an adapter folder (PEFT LoRA / prompt tuning, our bottleneck) on its base.
-"""
+"""The one way to get a model from a path: a Hugging Face folder, a quantized folder, a GGUF
+file, or an adapter folder (PEFT LoRA / prompt tuning, our bottleneck) on its base; and the
+SentencePiece tokenizer that goes with it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import sentencepiece as spm
 from torch import nn
 
 from domainlm.errors import UserError
 from domainlm.files import read_json
+from domainlm.model.gguf import read_gguf_model
+from domainlm.model.hf import load_hf_folder
+from domainlm.model.llama import Llama
+from domainlm.model.peft.methods import load
+from domainlm.model.quantized import load_quantized
 
 EXPECTED = (
     "a Hugging Face model folder (config.json + model.safetensors), a quantized folder "
@@ -67,16 +73,11 @@ def load_model(path: Path, base: Path | nn.Module | None = None) -> nn.Module:
     """
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from domainlm.export.gguf_export import read_gguf_model
-
         return read_gguf_model(path).eval()
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is a file but not a .gguf"
         raise UserError(f"{path} {what}: expected {EXPECTED}")
     if (path / "adapter_config.json").is_file():
-        from domainlm.model.llama import Llama
-        from domainlm.model.peft.methods import load
-
         config = _config(path / "adapter_config.json")
         kind = config.get("peft_type") or config.get("domainlm_type")
         if kind not in ADAPTER_METHODS:
@@ -94,10 +95,25 @@ def load_model(path: Path, base: Path | nn.Module | None = None) -> nn.Module:
         return load(base_model, ADAPTER_METHODS[kind], path).eval()
     if (path / "config.json").is_file():
         if "quantization_config" in _config(path / "config.json"):
-            from domainlm.export.quantize import load_quantized
-
             return load_quantized(path).eval()
-        from domainlm.export.hf import load_hf_folder
-
         return load_hf_folder(path).eval()
     raise UserError(f"{path} has neither config.json nor adapter_config.json: expected {EXPECTED}")
+
+
+def load_tokenizer(path: Path) -> tuple[spm.SentencePieceProcessor, Path]:
+    """The SentencePiece tokenizer of the model at `path` and the folder it was found in (which
+    also holds tokenizer_config.json and its chat template): the folder itself, an adapter's
+    base when the adapter folder has none, or the folder of a .gguf file."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    candidates = [folder]
+    if (folder / "adapter_config.json").is_file() and not (folder / "tokenizer.model").is_file():
+        candidates.append(_base_path(folder, _config(folder / "adapter_config.json"), None))
+    for candidate in candidates:
+        if (Path(candidate) / "tokenizer.model").is_file():
+            model_file = Path(candidate) / "tokenizer.model"
+            return spm.SentencePieceProcessor(model_file=str(model_file)), Path(candidate)
+    raise UserError(
+        f"no tokenizer.model beside {path}: export the model folder with its tokenizer, or put "
+        "the run's build/<run>/tokenizer/tokenizer.model next to the file"
+    )
