@@ -84,8 +84,9 @@ def _langdetect(text: str) -> tuple[str, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# py3langid: langid.py's naive Bayes over byte n-grams, 140 language labels, no randomness. Score: the softmax of its log-scores, which py3langid tempers by the
-# square root of the text's length in bytes so that it does not saturate at 1.0 on long text.
+# py3langid: langid.py's naive Bayes over byte n-grams, 140 language labels, no randomness.
+# Score: the softmax of its log-scores, which py3langid tempers by the square root of the
+# text's length in bytes so that it does not saturate at 1.0 on long text.
 
 
 @functools.lru_cache(maxsize=1)
