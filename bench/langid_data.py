@@ -145,7 +145,8 @@ def _macro_args(rest: str) -> list[str]:
 
 
 def roff_paragraphs(source: str) -> list[str]:
-    """The prose paragraphs of one page: no markup, examples, tables, NAME or synopsis lines."""
+    """The paragraphs of one page without markup, comments, examples, tables, option tags or
+    the NAME line (synopses and other code are left to `is_prose`)."""
     paragraphs: list[str] = []
     current: list[str] = []
     end_block: str | None = None
@@ -162,8 +163,6 @@ def roff_paragraphs(source: str) -> list[str]:
         if end_block is not None:
             if raw.strip().startswith("." + end_block) or (end_block == ".." and raw == ".."):
                 end_block = None
-            continue
-        if raw.startswith((".\\\"", "'\\\"", '.\\"', "\\\"")):
             continue
         if raw.startswith((".", "'")):
             name, _, rest = raw[1:].strip().partition(" ")
