@@ -3,7 +3,17 @@ English left untranslated (bench/langid_data.py)."""
 
 from __future__ import annotations
 
-from bench.langid_data import cut_prefix, is_prose, looks_english, roff_paragraphs
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` sits beside `tests`
+
+from bench.langid_data import (  # noqa: E402
+    cut_prefix,
+    is_prose,
+    looks_english,
+    roff_paragraphs,
+)
 
 PAGE = r""".\" Copyright line that is not prose
 .TH GROUP 5 2022-10-30
