@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import corpus, generate, pretrain, tokens
+from bench import corpus, generate, langid, pretrain, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
+    "langid": langid.main,
     "tokens": tokens.main,
     "pretrain": pretrain.main,
     "generate": generate.main,

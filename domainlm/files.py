@@ -140,7 +140,8 @@ def versions() -> dict[str, str]:
     """Versions recorded in every manifest."""
     out = {"domainlm": domainlm.__version__, "python": sys.version.split()[0]}
     out["platform"] = platform.platform()
-    for mod in ("torch", "lightning", "sentencepiece", "datasketch", "pyarrow", "langdetect"):
+    libraries = ("torch", "lightning", "sentencepiece", "datasketch", "pyarrow", "langdetect")
+    for mod in (*libraries, "py3langid", "pycld2"):
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, "__version__"):
             out[mod] = m.__version__

@@ -7,7 +7,7 @@ import unicodedata
 from collections import Counter
 from itertools import compress
 
-from domainlm.corpus.langid import detect_language
+from domainlm.corpus.langid import MIN_SCORE, canonical_code, detect_language
 from domainlm.recipe import QualityFilters
 
 BULLETS = ("•", "-", "*", "‣", "⁃", "◦")
@@ -64,7 +64,11 @@ class QualityFilter:
         self.top_ngrams = sorted((cfg.max_top_ngram_char_fraction or {}).items())
         self.dup_ngrams = sorted((cfg.max_dup_ngram_char_fraction or {}).items())
         self.languages = None if cfg.languages is None else list(cfg.languages)
-        self._language_set = frozenset(self.languages or ())
+        # Recipe codes in the spelling the backends answer in ('zh-cn' and 'zh' are one).
+        self._language_set = frozenset(canonical_code(c) for c in self.languages or ())
+        self.language_id = cfg.language_id
+        score = cfg.min_language_score
+        self.min_language_score = MIN_SCORE[cfg.language_id] if score is None else score
         # The language found for the last checked document (None: language id did not run).
         self.last_language: str | None = None
 
@@ -155,11 +159,11 @@ class QualityFilter:
             return verdict
 
         if self.languages is not None:
-            lang, score = detect_language(text, cfg.language_prefix_chars)
+            lang, score = detect_language(text, cfg.language_prefix_chars, self.language_id)
             self.last_language = lang
             if lang not in self._language_set:
                 return "language", f"language {lang!r} ({score:.2f}) not in {self.languages}"
-            limit = cfg.min_language_score
+            limit = self.min_language_score
             if score < limit:
                 return "language", f"language score {_fmt(score, limit)} < {limit:g}"
         return None
