@@ -223,7 +223,7 @@ def demo_counts(backends: tuple[str, ...] = ("langdetect", DEFAULT_BACKEND)) -> 
         t0 = time.perf_counter()
         m = build_corpus(recipe, force=True, progress=False)
         wall = time.perf_counter() - t0
-        out = recipe.stage_dir("corpus")
+        out = recipe.layout.corpus
         filter_s = sum(
             json.loads(p.read_text())["stage_seconds"]["filter"]
             for p in (out / ".cache" / "shards").glob("*/stats.json")

@@ -249,7 +249,7 @@ def test_corpus_build_uses_each_source_backend(tmp_path: Path, make_recipe) -> N
     for source in ("a", "b"):
         counts = m["counts"]["sources"][source]
         assert counts["kept"] == 1 and counts["filtered"] == {"language": 2}
-    out = recipe.stage_dir("corpus") / "rejected" / "filter.jsonl"
+    out = recipe.layout.corpus / "rejected" / "filter.jsonl"
     rejected = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert {(r["origin"], r["reason"]) for r in rejected} == {
         (f"{s}/{s}.jsonl:{i}", "filter:language") for s in ("a", "b") for i in (2, 3)
