@@ -14,7 +14,7 @@ from builders import grammar_corpus, tiny_run
 from click.testing import CliRunner
 
 from domainlm.cli import main
-from domainlm.files import read_json
+from domainlm.files import hash_file, read_json
 from domainlm.recipe import load_recipe
 from domainlm.train.module import PretrainModule
 
@@ -233,6 +233,12 @@ def test_quantize_then_eval_fill_every_report_section(finetuned):
     assert "not built" not in report
     metrics = read_json(recipe.layout.eval / "metrics.json")
     assert {"base", "full", "lora-merged"} <= set(metrics["perplexity"])
+    # Every stage's manifest lists what it read, each input with the hash of its content.
+    for stage in ("tokens", "plan", "pretrain", "finetune", "quantize", "eval"):
+        manifest = read_json(recipe.layout.manifest(stage))
+        assert manifest["stage"] == stage and manifest["inputs"], stage
+        for entry in manifest["inputs"].values():
+            assert entry["hash"] == hash_file(entry["path"]), (stage, entry)
 
 
 def test_eval_commands_score_any_model_folder(finetuned, tmp_path):
