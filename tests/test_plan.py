@@ -405,7 +405,7 @@ def test_a_stored_probe_is_reused_on_the_same_machine(recipe, fake_probe, capsys
         ({}, {}, "no compute budget"),
         ({}, {"flops": 0.0}, "--flops must be > 0"),
         ({}, {"flops": -1e20}, "--flops must be > 0"),
-        ({"flops": -5.0}, {}, r"plan\.flops must be > 0"),
+        ({"flops": -5.0}, {}, r"plan\.flops: must be > 0"),
         ({}, {"flops": 1e20, "minutes": 5.0}, "one compute budget, not two"),
         ({"flops": 1e20, "minutes": 5.0}, {}, "one compute budget, not two"),
         ({}, {"gpu": "h10", "hours": 1.0}, "unknown gpu 'h10'; did you mean 'h100'"),

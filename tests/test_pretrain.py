@@ -366,15 +366,14 @@ def test_no_weight_decay_on_norms_and_embeddings():
         ({"strategy": "fsdp"}, "FSDP.*needs CUDA GPUs"),
         ({"strategy": "deepspeed"}, "DeepSpeed.*needs CUDA GPUs"),
         ({"precision": "16-mixed"}, "16-mixed.*GPUs"),
-        ({"micro_batch": 0}, "train.micro_batch must be >= 1"),
+        ({"micro_batch": 0}, "train.micro_batch: must be >= 1"),
     ],
 )
 def test_gpu_only_choices_on_a_cpu_are_one_clear_error(run_root, train, match):
     if torch.cuda.is_available():
         pytest.skip("these are the errors of a machine without a GPU")
-    recipe = load_recipe(recipe_copy(run_root, "errors", **train))
     with pytest.raises(UserError, match=match):
-        resolve(recipe)
+        resolve(load_recipe(recipe_copy(run_root, "errors", **train)))
 
 
 def test_a_missing_plan_names_the_command(run_root):

@@ -15,7 +15,12 @@ from domainlm.errors import UserError
 from domainlm.files import hash_json, read_json, write_json, write_text
 from domainlm.recipe import FinetuneConfig, Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
-from domainlm.train.loop import build_trainer, checkpoint_dir, kept_csv_log
+from domainlm.train.loop import (
+    build_trainer,
+    checkpoint_dir,
+    drop_previous_checkpoints,
+    kept_csv_log,
+)
 
 STAGE_VERSION = 1
 
@@ -296,4 +301,5 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
             f"fine-tuning ({method}) stopped ({stop.requested}) at step {trainer.global_step} of "
             f"{steps}, checkpoint {ckpt_dir / 'last.ckpt'}: run `make finetune` again to continue"
         )
+    drop_previous_checkpoints(out)
     return round(time.time() - t, 1)

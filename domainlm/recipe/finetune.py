@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from domainlm.recipe.checks import Rule, at_least, fraction, positive
+
+LR = Rule(0, 10, lo_inclusive=False, what="a learning rate")
 
 
 @dataclass
@@ -15,6 +19,8 @@ class InstructionSource:
     path: str | None = None  # JSONL: alpaca (instruction/input/output), prompt/completion, messages
     weight: float | None = None  # share of training examples; null: as many as the file has
 
+    RANGES: ClassVar[dict[str, Rule | str]] = {"name": "name", "weight": at_least(0, "a share")}
+
 
 @dataclass
 class LoRAConfig:
@@ -25,6 +31,13 @@ class LoRAConfig:
     rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
     lr: float = 1e-3
 
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "r": at_least(1, "a rank"),
+        "alpha": positive("a scale"),
+        "dropout": fraction("a probability", closed=False),
+        "lr": LR,
+    }
+
 
 @dataclass
 class AdapterConfig:
@@ -32,11 +45,15 @@ class AdapterConfig:
     where: list[Literal["attention", "mlp"]] = field(default_factory=lambda: ["attention", "mlp"])
     lr: float = 1e-3
 
+    RANGES: ClassVar[dict[str, Rule | str]] = {"bottleneck": at_least(1, "a width"), "lr": LR}
+
 
 @dataclass
 class PromptTuningConfig:
     virtual_tokens: int = 16  # trainable embeddings prepended to every input (Lester et al. 2021)
     lr: float = 3e-2
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {"virtual_tokens": at_least(1, "tokens"), "lr": LR}
 
 
 @dataclass
@@ -44,6 +61,8 @@ class SelectiveConfig:
     top_blocks: int = 1  # train the last k blocks (0: none)
     norms: bool = True  # and every RMSNorm gain
     lr: float = 3e-4
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {"top_blocks": at_least(0, "blocks"), "lr": LR}
 
 
 @dataclass
@@ -54,10 +73,17 @@ class QLoRAConfig:
     group_size: int = 64  # int4 quantization group along each weight row
     lr: float = 1e-3
 
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "group_size": at_least(2, "weights per group"),
+        "lr": LR,
+    }
+
 
 @dataclass
 class FullConfig:
     lr: float = 1e-4
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {"lr": LR}
 
 
 @dataclass
@@ -88,4 +114,14 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # null: 2% of the steps
     weight_decay: float = 0.0
 
-
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "epochs": positive("passes over the data"),
+        "micro_batch": at_least(1, "sequences"),
+        "grad_accum": at_least(1, "micro-batches"),
+        "max_seq_len": at_least(2, "tokens"),
+        "heldout_fraction": fraction("of the examples", closed=False),
+        "eval_examples": at_least(0, "examples"),
+        "max_new_tokens": at_least(1, "tokens"),
+        "warmup_steps": at_least(0, "steps"),
+        "weight_decay": Rule(0, 10, what="a decoupled decay rate"),
+    }

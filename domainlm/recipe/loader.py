@@ -9,11 +9,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from domainlm.errors import UserError
+from domainlm.recipe.checks import FieldError, Rule, check_section
 from domainlm.recipe.corpus import (
     CorpusConfig,
     PIIConfig,
@@ -52,6 +53,8 @@ class Recipe:
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {"name": "name"}
 
     @property
     def layout(self) -> RunLayout:
@@ -199,9 +202,14 @@ def _build(cls: type, data: dict, prefix: str, ctx: _Ctx) -> Any:
             raise ctx.fail(key, f"unknown key; {extra}")
         kwargs[k] = _convert(v, hints[k], key, ctx)
     try:
-        return cls(**kwargs)
-    except UserError as e:  # a section that checks itself (the model's shape)
+        obj = cls(**kwargs)
+        check_section(obj)
+    except FieldError as e:
+        key = f"{prefix}.{e.field}" if prefix else e.field
+        raise ctx.fail(key, str(e)) from None
+    except UserError as e:  # a section that checks itself as a whole (the model's shape)
         raise ctx.fail(prefix, str(e)) from None
+    return obj
 
 
 def _overrides(cls: type, overrides: dict[str, Any], key: str, ctx: _Ctx) -> dict[str, Any]:
@@ -250,6 +258,35 @@ def _validate(recipe: Recipe, ctx: _Ctx) -> None:
             raise ctx.fail(f"corpus.decontaminate.files[{i}]", f"no such file: {f}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a recipe allows it: no key twice in a mapping (the second would silently win),
+    no aliases (`*name`, which can make a few hundred bytes expand to gigabytes)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"the alias *{event.anchor} is not allowed in a recipe: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"the key {key!r} appears twice in one mapping (first at line "
+                    f"{seen[key].line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Load and validate a recipe; raises RecipeError with file:line and the fix."""
     p = Path(path)
@@ -257,7 +294,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{p}: no such recipe file (recipes live in recipes/, e.g. demo.yaml)")
     text = p.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)

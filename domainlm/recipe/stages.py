@@ -4,7 +4,9 @@ recipe/model.py: the decoder's shape)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from domainlm.recipe.checks import Rule, at_least, fraction, positive
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer and plan sections.
@@ -29,6 +31,14 @@ class TokenizerConfig:
     )
     threads: int = 0  # 0 = every core
 
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "sample_docs": at_least(1, "documents"),
+        "max_sample_chars": at_least(1, "characters"),
+        "eval_docs": at_least(1, "documents"),
+        "character_coverage": Rule(0.9, 1.0, what="a share of characters, SentencePiece's range"),
+        "threads": at_least(0, "0: every core"),
+    }
+
 
 @dataclass
 class PlanConfig:
@@ -46,6 +56,17 @@ class PlanConfig:
     seq_len: int = 1024  # training context length
     global_batch_tokens: int | None = None  # tokens per optimizer step; null: from the plan
     require_tokens: bool = False  # a missing tokens folder is an error rather than a note
+
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "flops": positive("FLOPs"),
+        "gpus": at_least(1, "accelerators"),
+        "hours": positive("hours"),
+        "mfu": Rule(0, 1, lo_inclusive=False, what="a fraction of peak"),
+        "minutes": positive("minutes"),
+        "max_epochs": positive("passes over the unique tokens"),
+        "seq_len": at_least(2, "tokens"),
+        "global_batch_tokens": at_least(1, "tokens"),
+    }
 
 
 @dataclass
@@ -82,7 +103,27 @@ class TrainConfig:
     sample_prompt: str = "The"  # `make pretrain` ends by continuing this prompt
     sample_tokens: int = 48
 
-
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "devices": at_least(1, "devices per node"),
+        "num_nodes": at_least(1, "machines"),
+        "tokens": at_least(1, "training tokens"),
+        "micro_batch": at_least(1, "sequences"),
+        "grad_accum": at_least(1, "micro-batches"),
+        "seq_len": at_least(2, "tokens"),
+        "lr": Rule(0, 10, lo_inclusive=False, what="a learning rate"),
+        "min_lr_ratio": fraction("of the peak learning rate"),
+        "decay_fraction": fraction("of the steps"),
+        "warmup_steps": at_least(0, "steps"),
+        "weight_decay": Rule(0, 10, what="a decoupled decay rate"),
+        "betas": fraction("Adam's moment decay", closed=False),
+        "eps": positive("Adam's denominator floor"),
+        "grad_clip": positive("a gradient norm"),
+        "val_every": at_least(1, "steps"),
+        "val_batches": at_least(1, "micro-batches"),
+        "ckpt_every": at_least(1, "steps"),
+        "log_every": at_least(1, "steps"),
+        "sample_tokens": at_least(0, "tokens"),
+    }
 
 
 @dataclass
@@ -100,6 +141,11 @@ class ExportConfig:
     )
     group_size: int = 64  # int4: weights quantized in groups of this many along each row
     eval_tokens: int | None = 65536  # validation tokens for the perplexity comparison; null: all
+
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "group_size": at_least(2, "weights per group"),
+        "eval_tokens": at_least(1, "tokens"),
+    }
 
 
 @dataclass

@@ -16,15 +16,20 @@ from domainlm.train.settings import RunSettings
 
 
 def checkpoint_dir(out: Path, run_fp: str, force: bool, say) -> tuple[Path, Path | None]:
-    """The checkpoint folder, emptied when it belongs to another run; the checkpoint to resume."""
+    """The checkpoint folder and the checkpoint to resume from. The checkpoints of another run
+    are set aside in checkpoints.previous/, not deleted: they go only when the new run has
+    finished (drop_previous_checkpoints), so a run that fails destroys nothing."""
     ckpt_dir = out / "checkpoints"
     run_file = ckpt_dir / "run.json"
     if ckpt_dir.exists():
         old = read_json(run_file).get("fingerprint") if run_file.exists() else None
         if force or old != run_fp:
             why = "--force" if force else "the recipe, plan or data changed"
-            say(f"pretrain: starting afresh ({why}); removing {ckpt_dir}/")
-            shutil.rmtree(ckpt_dir)
+            aside = previous_checkpoints(out)
+            say(f"{out.name}: starting afresh ({why}); the old checkpoints are kept in {aside}/ "
+                "until this run finishes")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt_dir, aside)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_file, {"fingerprint": run_fp})
     # last.ckpt is written just after each periodic step-*.ckpt; a kill between the two leaves
@@ -34,6 +39,15 @@ def checkpoint_dir(out: Path, run_fp: str, force: bool, say) -> tuple[Path, Path
     if not existing:
         return ckpt_dir, None
     return ckpt_dir, max(existing, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
+
+
+def previous_checkpoints(out: Path) -> Path:
+    return out / "checkpoints.previous"
+
+
+def drop_previous_checkpoints(out: Path) -> None:
+    """The run finished: the checkpoints of the run before it are no longer needed."""
+    shutil.rmtree(previous_checkpoints(out), ignore_errors=True)
 
 
 @contextlib.contextmanager

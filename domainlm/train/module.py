@@ -10,10 +10,15 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from domainlm.errors import UserError
 from domainlm.model.llama import Llama
 from domainlm.recipe import TrainConfig
 from domainlm.recipe.model import LlamaConfig
 from domainlm.train import optim
+
+
+class Diverged(UserError):
+    """The training loss stopped being a finite number; no checkpoint of it was written."""
 
 
 class PretrainModule(L.LightningModule):
@@ -65,6 +70,9 @@ class PretrainModule(L.LightningModule):
         self.flops_per_batch = config.flops_per_token(seq_len) * micro_batch * seq_len
         self._step_loss: torch.Tensor | None = None
         self._val_sum: torch.Tensor | None = None
+        # False once any training loss was NaN or inf: a device tensor, read (a host sync) only
+        # when a step is logged and before a checkpoint is written, so the hot loop never waits.
+        self._finite: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self.train_cfg.compile:
@@ -77,6 +85,8 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         _, loss = self.model(x, y)
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
         part = loss.detach() / self.grad_accum
         self._step_loss = part if self._step_loss is None else self._step_loss + part
         if (batch_idx + 1) % self.grad_accum == 0:
@@ -97,8 +107,31 @@ class PretrainModule(L.LightningModule):
         """
         if self.trainer.world_size > 1:
             step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="mean")
-        self.log("train/loss", torch.tensor(step_loss.item()), prog_bar=True)
+        value = step_loss.item()
+        if not math.isfinite(value):
+            self.diverged(f"the loss is {value}")
+        self.log("train/loss", torch.tensor(value), prog_bar=True)
         self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
+
+    def check_finite(self) -> None:
+        """Raise Diverged if any training loss so far was not finite (a host sync)."""
+        finite = self._finite
+        if finite is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+        if finite is not None and not bool(finite):
+            self.diverged("a training loss was NaN or inf")
+
+    def diverged(self, what: str) -> None:
+        raise Diverged(
+            f"training diverged at step {self.global_step}: {what} (learning rate "
+            f"{self.train_cfg.lr:g}). The last good checkpoint is kept; lower the learning "
+            "rate, lengthen the warmup (warmup_steps) or clip gradients (train.grad_clip), "
+            "then run again"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never write a checkpoint of weights that a NaN or inf loss has already reached.
+        self.check_finite()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros(2, dtype=torch.float64, device=self.device)

@@ -11,7 +11,12 @@ from domainlm.errors import UserError
 from domainlm.files import hash_json
 from domainlm.recipe import Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
-from domainlm.train.loop import build_trainer, checkpoint_dir, kept_csv_log
+from domainlm.train.loop import (
+    build_trainer,
+    checkpoint_dir,
+    drop_previous_checkpoints,
+    kept_csv_log,
+)
 from domainlm.train.settings import RunSettings, resolve
 
 STAGE_VERSION = 1
@@ -146,6 +151,7 @@ def _train(
         throughput=throughput.last,
         say=say,
     )
+    drop_previous_checkpoints(out)
     manifest.update(
         run_fingerprint=run_fp,
         settings=s.to_dict(),

@@ -140,10 +140,6 @@ def resolve(recipe: Recipe) -> RunSettings:
     max_seq = max(seq_len, m.max_seq_len if not m.from_plan else seq_len)
     config = dataclasses.replace(shape, max_seq_len=max_seq)
 
-    for key in ("micro_batch", "grad_accum", "tokens", "seq_len", "devices", "num_nodes"):
-        value = getattr(t, key)
-        if isinstance(value, int) and value < 1:
-            raise UserError(f"train.{key} must be >= 1, got {value}")
     accelerator = resolve_accelerator(t.accelerator)
     if t.devices == "auto":
         devices = torch.cuda.device_count() if accelerator == "gpu" else 1
