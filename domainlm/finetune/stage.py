@@ -15,6 +15,7 @@ from domainlm.errors import UserError
 from domainlm.files import hash_json, read_json, write_json, write_text
 from domainlm.recipe import FinetuneConfig, Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
+from domainlm.tokenizer.templates import load_template
 from domainlm.train.loop import (
     build_trainer,
     checkpoint_dir,
@@ -109,6 +110,7 @@ def finetune(recipe: Recipe, *, force: bool = False, progress: bool = True) -> d
                if s.kind == "jsonl" and s.path and not Path(s.path).is_file()]
     if missing:
         raise UserError(f"{missing[0]} does not exist: fix the path in {recipe.path}")
+    load_template(recipe.finetune.template)  # a template that cannot work fails here, first
     return run_stage(
         finetune_stage(recipe), lambda fp: _finetune(recipe, fp, force, progress), force=force
     )
@@ -127,7 +129,6 @@ def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> 
     from domainlm.model.peft.lora import merged
     from domainlm.model.peft.methods import prepare, save
     from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
-    from domainlm.tokenizer.templates import load_template
 
     say = click.echo
     ft, layout = recipe.finetune, recipe.layout
