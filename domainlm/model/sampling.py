@@ -185,8 +185,9 @@ def adjusted(logits: Tensor, params: SamplingParams, prompt: Tensor | None,
     logits = logits.float().clone()
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), device=logits.device)
-        bias = torch.tensor(list(params.logit_bias.values()), device=logits.device)
-        logits.index_add_(0, ids, bias)
+        bias = torch.tensor([float(v) for v in params.logit_bias.values()],
+                            device=logits.device)
+        logits[ids] += bias  # the ids are a dict's keys: distinct
     if len(output) < params.min_tokens:
         banned = params.enders()
         if banned:
