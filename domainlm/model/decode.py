@@ -169,7 +169,7 @@ class TextStream:
             self._tokens: Iterator[Token] = _lazy(lambda: decode_alone(model, self.sequence))
         else:
             self._tokens = source(self.sequence)
-        self._gen = self.pieces()
+        self._gen = self._pieces()
 
     def __iter__(self) -> TextStream:
         return self
@@ -189,7 +189,11 @@ class TextStream:
             close()
 
     def pieces(self) -> Iterator[tuple[str, list[Token]]]:
-        """(text piece, the tokens consumed since the previous piece)."""
+        """(text piece, the tokens consumed since the previous piece); the same iteration as
+        the stream's own (each piece is handed out once, either way)."""
+        return self._gen
+
+    def _pieces(self) -> Iterator[tuple[str, list[Token]]]:
         p = self.params
         new: list[int] = []
         taken = 0  # tokens already handed out with a piece
