@@ -45,7 +45,7 @@ def request(server: APIServer, method: str, path: str, body: Any = None,
         r = conn.getresponse()
         raw = r.read()
         kind = r.getheader("Content-Type") or ""
-        parsed = json.loads(raw) if kind.startswith("application/json") else raw.decode()
+        parsed = json.loads(raw) if raw and kind.startswith("application/json") else raw.decode()
         return r.status, dict(r.getheaders()), parsed
     finally:
         conn.close()

@@ -47,6 +47,9 @@ class Handler(RoutesMixin, ConnectionHandler):
         """BaseHTTPRequestHandler's errors (a malformed request line, headers too long, an
         unknown method) in OpenAI's JSON shape instead of an HTML page."""
         self.close_connection = True
+        # A request line too broken to parse leaves HTTP/0.9, which has no status line: answer
+        # in HTTP/1.1 so that clients see the status.
+        self.request_version = "HTTP/1.1"
         kind = "invalid_request_error" if code < 500 else "server_error"
         self._send(code, APIError(code, message or explain or "bad request", None,
                                   None, kind).body())
