@@ -173,6 +173,7 @@ def tiny_tasks(folder: Path, documents: list[str], seed: int = 0) -> list[str]:
         f"task: server_check_mc\n{common}dataset_kwargs:\n  data_files:\n"
         f"    test: {folder / 'mc.jsonl'}\noutput_type: multiple_choice\n"
         "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "target_delimiter: ''\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
     (folder / "rolling.yaml").write_text(
         f"task: server_check_rolling\n{common}dataset_kwargs:\n  data_files:\n"
