@@ -136,3 +136,21 @@ def test_beyond_max_connections_the_longest_idle_is_closed(engine):
         assert server.connections[0] == 8
         for s in socks:
             s.close()
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_rows_and_threads(server, engine):
+    body = (b'{"model": "base", "prompt": "The ledger", "max_tokens": 50, "n": 3, '
+            b'"stream": true, "ignore_eos": true}')
+    api = client(server)
+    list(api.completions.create(model="base", prompt="x", max_tokens=2, n=3, stream=True))
+    before = threading.active_count()  # the serving loop, a worker, the decoding thread
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 60
+    stats = engine.scheduler.stats
+    while (stats.running or threading.active_count() > before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats.running == 0 and threading.active_count() <= before
+    assert len(api.completions.create(model="base", prompt="x", max_tokens=3, n=2).choices) == 2

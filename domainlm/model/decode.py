@@ -181,12 +181,14 @@ class TextStream:
                 return text
 
     def close(self) -> None:
-        """Stop decoding (a shared batch drops the sequence at its next step)."""
+        """Stop decoding (a shared batch drops the sequence at its next step). From another
+        thread than the one iterating, this only cancels: that iteration then ends."""
         self.sequence.cancelled.set()
-        self._gen.close()
-        close = getattr(self._tokens, "close", None)
-        if close is not None:
-            close()
+        for gen in (self._gen, self._tokens):
+            try:
+                gen.close()  # type: ignore[attr-defined]
+            except (ValueError, AttributeError):  # running in another thread, or no close
+                pass
 
     def pieces(self) -> Iterator[tuple[str, list[Token]]]:
         """(text piece, the tokens consumed since the previous piece); the same iteration as

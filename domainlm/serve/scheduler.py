@@ -132,8 +132,14 @@ class Scheduler:
                 continue
             q.put(seq.tokens[-1])
             if seq.finish_reason is not None:
-                q.put(_END)
-                del self._queues[id(seq)]
+                self._end(seq)
+
+    def _end(self, seq: Sequence) -> None:
+        """No more tokens for seq: its reader's iteration ends (a cancelled reader that is
+        still waiting, in another thread, is released)."""
+        q = self._queues.pop(id(seq), None)
+        if q is not None:
+            q.put(_END)
 
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         for seq in seqs:
@@ -165,6 +171,7 @@ class Scheduler:
                 while not (self._pending or self._control or self._decoders):
                     self._wake.wait()
                 groups = self._admit()
+                self.stats.waiting -= sum(len(g) for g in groups)
                 control = list(self._control)
                 self._control.clear()
             for fn in control:
@@ -172,11 +179,10 @@ class Scheduler:
                     with self._wake:
                         self._control.append(fn)
             for group in groups:
-                self.stats.waiting -= len(group)
                 live = [s for s in group if not s.cancelled.is_set()]
                 for seq in group:
                     if seq.cancelled.is_set():
-                        self._queues.pop(id(seq), None)
+                        self._end(seq)
                 if live:
                     self._prefill(live)
             for key, decoder in list(self._decoders.items()):
@@ -192,9 +198,9 @@ class Scheduler:
                     self.stats.steps += 1
                     self.stats.rows += len(advanced)
                 self._deliver(advanced)
-                for seq in rows:  # cancelled rows leave without an end marker
+                for seq in rows:  # cancelled rows have left the batch
                     if seq.cancelled.is_set():
-                        self._queues.pop(id(seq), None)
+                        self._end(seq)
                 if not len(decoder):
                     del self._decoders[key]
             self.stats.running = sum(len(d) for d in self._decoders.values())
