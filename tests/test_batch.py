@@ -117,8 +117,8 @@ def test_greedy_batched_equals_each_sequence_alone_token_for_token(engine, model
 
 def test_mixed_adapters_in_one_batch_equal_their_own_models(engine, models):
     """Each adapter's rows in a mixed batch equal a model holding that adapter alone."""
-    prompts = [engine.sp.encode(p) for p in PROMPTS[:3]]
-    for name in ("a", "b"):
+    prompts = [engine.sp.encode(p) for p in PROMPTS[:2]]
+    for name in ("b",):
         own = load_hf_folder(models[0]).eval()
         load_lora(own, models[1][name], name)
         want = [alone(own, p, greedy()).ids for p in prompts]
