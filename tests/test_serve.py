@@ -165,8 +165,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         client.chat.completions.create(model="a", messages=MESSAGES * 20, max_tokens=5)
     assert e.value.body["code"] == "context_length_exceeded"
 
-    bad = [({"n": 2}, "n"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
-           ({"stop": 3}, "stop"), ({"seed": 1.5}, "seed"), ({"logprobs": 2}, "logprobs"),
+    bad = [({"n": 0}, "n"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+           ({"stop": 3}, "stop"), ({"seed": 1.5}, "seed"), ({"logprobs": 21}, "logprobs"),
            ({"prompt": 7}, "prompt")]
     for extra, param in bad:
         body = json.dumps({"model": "base", "prompt": "x", "max_tokens": 5, **extra}).encode()
@@ -190,7 +190,7 @@ def test_a_bug_is_a_500_and_the_server_keeps_serving(client, engine, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(engine, "stream", broken)
+    monkeypatch.setattr(engine, "streams", broken)
     with pytest.raises(openai.InternalServerError) as e:
         client.completions.create(model="base", prompt="x", max_tokens=5)
     assert e.value.body["type"] == "server_error" and "a bug" in e.value.body["message"]

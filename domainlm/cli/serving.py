@@ -110,15 +110,29 @@ def generate(model: Path | None, adapter: Path | None, prompt: str | None, chat:
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
 @click.option("--name", help="The base model's name in requests (default: its folder's name, "
               "or the parent's when the folder is called model).")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1),
+              help="Sequences decoded together; more requests wait for a free row.")
+@click.option("--batch-per-adapter", is_flag=True,
+              help="Decode each adapter's requests in a batch of their own (stepped in turn) "
+              "instead of one batch for all adapters.")
+@click.option("--allow-adapter-updates", is_flag=True,
+              help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
+              "any folder the server can read: only on a trusted network).")
+@click.option("--idle-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--workers", default=64, show_default=True, type=click.IntRange(1),
+              help="Requests served at once (threads); further requests wait in line.")
 @_friendly
 def serve(model: Path | None, adapters: tuple[str, ...], host: str, port: int,
-          name: str | None) -> None:
+          name: str | None, max_batch: int, batch_per_adapter: bool,
+          allow_adapter_updates: bool, idle_timeout: float, workers: int) -> None:
     """Serve the model and its adapters over an OpenAI-compatible HTTP API.
 
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming
-    with "stream": true). Any OpenAI client works: base_url http://HOST:PORT/v1, any api_key,
-    model = the base's name or an adapter's NAME. Requests are answered one at a time; this is
-    a reference server, serve the exported folder with vLLM for production traffic.
+    with "stream": true), POST /tokenize and /detokenize, GET /metrics (Prometheus), GET
+    /health. Any OpenAI client works: base_url http://HOST:PORT/v1, any api_key, model = the
+    base's name or an adapter's NAME. Concurrent requests are decoded together in one batch
+    (continuous batching); see docs/serve.md.
     """
     from domainlm.serve.engine import Engine
     from domainlm.serve.server import serve as run
@@ -131,4 +145,7 @@ def serve(model: Path | None, adapters: tuple[str, ...], host: str, port: int,
                 f"--adapter {item!r}: write NAME=PATH, e.g. lora=build/demo/sft/lora/model"
             )
         named[key] = Path(path)
-    run(Engine(_model_dir(model), named, name), host, port)
+    engine = Engine(_model_dir(model), named, name, max_batch=max_batch,
+                    mix_adapters=not batch_per_adapter)
+    run(engine, host, port, allow_adapter_updates=allow_adapter_updates,
+        idle_timeout=idle_timeout, workers=workers)

@@ -1,115 +1,51 @@
-"""The one decoding engine: sampling (greedy, temperature, top-k, top-p) over any model with the
-decoder's contract, batched token ids for tests and scripts, and streamed text with stop strings
-for `domainlm generate`, `domainlm serve`, fine-tuning's scoring and evaluation."""
+"""The one decoding engine: sampling over any model with the decoder's contract, batched token
+ids for tests and scripts (`generate`), and streamed text with stop strings (`stream`,
+`TextStream`) for `domainlm generate`, `domainlm serve`, fine-tuning's scoring and evaluation.
+
+Sampling and its parameters live in model/sampling.py, the loop that decodes many sequences at
+once (continuous batching) in model/batch.py over the ragged KV cache of model/kvcache.py; a
+TextStream turns one sequence's tokens into text, whether it decodes alone in the caller's thread
+or in serve's shared batch.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from domainlm.errors import UserError
+from domainlm.model.batch import (
+    ContextError,
+    Sequence,
+    Token,
+    context_length,
+    decode_alone,
+)
+from domainlm.model.sampling import (
+    Logprob,
+    ParamError,
+    SamplingParams,
+    sample,
+    top_p_filter,
+)
 from domainlm.tokenizer.special import EOS_ID
+
+__all__ = [
+    "Completion", "ContextError", "Logprob", "ParamError", "SamplingParams", "Sequence",
+    "TextStream", "Token", "collect", "complete", "context_length", "generate", "sample",
+    "steps", "stream", "top_p_filter",
+]
 
 _REPLACEMENT = "\ufffd"  # what SentencePiece decodes an incomplete UTF-8 byte sequence to
 
 
-class ParamError(UserError, ValueError):
-    """A request or sampling parameter that is out of range; `param` names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param} {message}")
-        self.param = param
-
-
-class ContextError(UserError, ValueError):
-    """The prompt plus the tokens to generate do not fit in the model's context."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-@dataclass
-class SamplingParams:
-    """How to continue a prompt: greedy when temperature is 0, else sampled from the
-    temperature-scaled distribution restricted to the top_k tokens and to the top_p nucleus."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)  # text that ends generation (not emitted)
-    seed: int | None = None  # None: a fresh random seed per generation
-    use_cache: bool = True  # the KV cache; off recomputes every position (same greedy output)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        checks = [
-            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-             "an integer >= 1"),
-            ("temperature", _is_number(self.temperature) and self.temperature >= 0,
-             "a number >= 0"),
-            ("top_k", self.top_k is None or _is_int(self.top_k) and self.top_k >= 1,
-             "an integer >= 1 or unset"),
-            ("top_p", self.top_p is None or _is_number(self.top_p) and 0 < self.top_p <= 1,
-             "a number in (0, 1] or unset"),
-            ("stop", isinstance(self.stop, (list, tuple))
-             and all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
-            ("seed", self.seed is None or _is_int(self.seed), "an integer or unset"),
-            ("use_cache", isinstance(self.use_cache, bool), "true or false"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ParamError(name, f"must be {want}, got {getattr(self, name)!r}")
-        self.stop = list(self.stop)
-
-
 class Completion(NamedTuple):
     text: str
-    finish_reason: str  # "stop" (eos or a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (eos, a stop token or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
-
-
-def context_length(model: nn.Module) -> int:
-    """Positions for prompt + generated tokens (a prompt-tuned model spends some on its prompt)."""
-    return model.config.max_seq_len - int(getattr(model, "n_virtual", 0) or 0)
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Logits with -inf outside the nucleus: the smallest set of the most probable tokens whose
-    probabilities sum to at least top_p (Holtzman et al. 2020). Works on (..., vocab)."""
-    if top_p >= 1:
-        return logits
-    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-    # A token is dropped when the tokens ranked above it already reach top_p; the first never is.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """The next ids (B,) from the last position's logits (B, vocab)."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k is not None and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None:
-        logits = top_p_filter(logits, params.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 def steps(
@@ -127,15 +63,6 @@ def steps(
         yield nxt
         seq = torch.cat((seq, nxt[:, None]), dim=1)
         step = nxt[:, None] if cache is not None else seq
-
-
-def _generator(device: torch.device, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
 
 
 def generate(
@@ -195,14 +122,22 @@ def _safe_end(text: str, stops: list[str]) -> int:
     return safe
 
 
+Source = Callable[[Sequence], Iterator[Token]]  # decodes a sequence: its tokens, in order
+
+
 class TextStream:
-    """An iterator of decoded text pieces. Once the last piece is out, `text`, `finish_reason`
-    and `token_ids` (the generated ids, eos included) are set; `completion_tokens` counts the
-    ids generated so far. `close()` ends it early (and runs the session's exit)."""
+    """An iterator of decoded text pieces. Once the last piece is out, `text`, `finish_reason`,
+    `token_ids` (the generated ids, eos included) and `tokens` (with log-probs when asked for)
+    are set; `completion_tokens` counts the ids generated so far. `close()` ends it early.
+
+    `source` decodes the sequence: by default alone, in the iterating thread, when the first
+    piece is asked for; serve's scheduler passes its own, which starts decoding at once in the
+    shared batch. `pieces` yields each piece with the tokens consumed for it (the last piece,
+    possibly empty, carries the rest)."""
 
     def __init__(self, model: nn.Module, sp: Any, prompt_ids: list[int],
-                 params: SamplingParams, *, truncate: bool = True,
-                 session: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+                 params: SamplingParams, *, truncate: bool = True, adapter: str | None = None,
+                 source: Source | None = None) -> None:
         limit = context_length(model)
         if params.max_new_tokens >= limit:
             raise ParamError(
@@ -210,6 +145,7 @@ class TextStream:
                 f"({params.max_new_tokens}) leaves no room for a prompt in the model's context "
                 f"of {limit} tokens; ask for at most {limit - 1}",
             )
+        params.check_vocab(model.config.vocab_size)
         # An empty prompt starts a new document, as pretraining saw one: right after </s>.
         ids = list(prompt_ids) or [EOS_ID]
         room = limit - params.max_new_tokens
@@ -220,60 +156,84 @@ class TextStream:
                 f"were requested ({len(ids)} in the prompt, {params.max_new_tokens} to generate); "
                 "shorten the prompt or ask for fewer tokens"
             )
-        self.model, self.sp, self.params = model, sp, params
+        self.sp, self.params = sp, params
         self.prompt_ids = ids[self.truncated :]
         self.prompt_tokens = len(self.prompt_ids)
         self.completion_tokens = 0
         self.token_ids: list[int] = []
+        self.tokens: list[Token] = []
         self.finish_reason: str | None = None
         self.text = ""
-        self._session = session or contextlib.nullcontext
-        self._gen = self._run()
+        self.sequence = Sequence(self.prompt_ids, params, adapter)
+        if source is None:
+            self._tokens: Iterator[Token] = _lazy(lambda: decode_alone(model, self.sequence))
+        else:
+            self._tokens = source(self.sequence)
+        self._gen = self._pieces()
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        return next(self._gen)
+        while True:  # the pieces that carry only tokens (eos) are not text
+            text, _ = next(self._gen)
+            if text:
+                return text
 
     def close(self) -> None:
-        self._gen.close()  # runs the session's exit: an engine's lock is released
+        """Stop decoding (a shared batch drops the sequence at its next step). From another
+        thread than the one iterating, this only cancels: that iteration then ends."""
+        self.sequence.cancelled.set()
+        for gen in (self._gen, self._tokens):
+            try:
+                gen.close()  # type: ignore[attr-defined]
+            except (ValueError, AttributeError):  # running in another thread, or no close
+                pass
 
-    def _run(self) -> Iterator[str]:
-        with self._session():
-            yield from self._decode()
+    def pieces(self) -> Iterator[tuple[str, list[Token]]]:
+        """(text piece, the tokens consumed since the previous piece); the same iteration as
+        the stream's own (each piece is handed out once, either way)."""
+        return self._gen
 
-    def _decode(self) -> Iterator[str]:
+    def _pieces(self) -> Iterator[tuple[str, list[Token]]]:
         p = self.params
-        device = next(self.model.parameters()).device
-        idx = torch.tensor([self.prompt_ids], device=device)
         new: list[int] = []
+        taken = 0  # tokens already handed out with a piece
         emitted, longest_stop = 0, max((len(s) for s in p.stop), default=0)
-        for nxt in steps(self.model, idx, p, _generator(device, p.seed)):
-            token = int(nxt[0])
-            self.token_ids.append(token)
+        for token in self._tokens:
+            self.tokens.append(token)
+            self.token_ids.append(token.id)
             self.completion_tokens += 1
-            if token == EOS_ID:
-                self.finish_reason = "stop"
-                break
-            new.append(token)
+            if token.id == EOS_ID and not p.ignore_eos:
+                continue  # the decoder ends the sequence here
+            new.append(token.id)
             text = self.sp.decode(new)
-            cut = _find_stop(text, p.stop, max(0, emitted - longest_stop))
-            if cut is not None:
-                self.text, self.finish_reason = text[:cut], "stop"
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            if self.completion_tokens >= p.max_new_tokens:
-                self.finish_reason = "length"
-                break
+            if self.completion_tokens >= p.min_tokens:
+                cut = _find_stop(text, p.stop, max(0, emitted - longest_stop))
+                if cut is not None:
+                    self.text, self.finish_reason = text[:cut], "stop"
+                    self.close_source()
+                    yield text[emitted:cut] if cut > emitted else "", self.tokens[taken:]
+                    return
             safe = _safe_end(text, p.stop)
             if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+                yield text[emitted:safe], self.tokens[taken:]
+                emitted, taken = safe, len(self.tokens)
+        self.finish_reason = self.sequence.finish_reason or "stop"
         self.text = self.sp.decode(new)
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
+        if len(self.text) > emitted or taken < len(self.tokens):
+            yield self.text[emitted:], self.tokens[taken:]
+
+    def close_source(self) -> None:
+        self.sequence.cancelled.set()
+        close = getattr(self._tokens, "close", None)
+        if close is not None:
+            close()
+
+
+def _lazy(make: Callable[[], Iterator[Token]]) -> Iterator[Token]:
+    """make()'s tokens, made when the first is asked for (so nothing runs for an unread stream)."""
+    yield from make()
 
 
 def stream(model: nn.Module, sp: Any, prompt_ids: list[int], params: SamplingParams,

@@ -96,7 +96,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None = None,
+        key_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -115,7 +116,18 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
 
         S = k.size(2)
-        if S == T:  # no cache: plain causal attention, the fused kernels' fast path
+        if key_mask is not None:
+            # Rows of a batch at different positions (model/kvcache.py): key_mask (B, S) says
+            # which cached columns hold a row's own tokens; the causal triangle is shifted by
+            # the cached length as below, and a query always sees itself (no empty row).
+            mask = key_mask[:, None, None, :]
+            if T > 1:
+                causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                own = torch.arange(S, device=x.device) == torch.arange(
+                    S - T, S, device=x.device)[:, None]
+                mask = (mask & causal) | own
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif S == T:  # no cache: plain causal attention, the fused kernels' fast path
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # one new token sees every cached position
             y = F.scaled_dot_product_attention(q, k, v)
@@ -153,9 +165,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None = None,
+        key_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, present = self.self_attn(self.input_layernorm(x), cos, sin, past)
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, past, key_mask)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present
@@ -209,6 +222,8 @@ class Llama(nn.Module):
         inputs_embeds: Tensor | None = None,
         start_pos: int | None = None,
         cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids idx (B, T) or for inputs_embeds (B, T, d_model).
 
@@ -216,31 +231,40 @@ class Llama(nn.Module):
         when given, the mean cross-entropy over targets != -100 is returned too, else None.
         cache: a KVCache (start with []) that this call extends in place; start_pos, the
         position of the first input token, defaults to the number of tokens already cached.
+        A batch whose rows sit at different positions (continuous batching, model/kvcache.py)
+        passes positions (B, T), each input token's position, and key_mask (B, cached + T),
+        True where a column of the cache holds one of that row's tokens.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx and inputs_embeds")
         x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         T = x.size(1)
-        cached = cache[0][0].size(2) if cache else 0
-        if start_pos is None:
-            start_pos = cached
-        elif cache and start_pos != cached:
-            raise ValueError(f"start_pos {start_pos} does not follow the {cached} cached tokens")
-        if start_pos + T > self.config.max_seq_len:
-            raise ValueError(
-                f"{start_pos + T} positions exceed max_seq_len {self.config.max_seq_len}"
-            )
-        cos = self.rope.cos[start_pos : start_pos + T]
-        sin = self.rope.sin[start_pos : start_pos + T]
+        if positions is not None:
+            # Per-row tables (B, 1, T, head_dim), broadcast over the heads. The caller keeps
+            # every position below max_seq_len (indexing past the table raises anyway).
+            cos, sin = self.rope.cos[positions][:, None], self.rope.sin[positions][:, None]
+        else:
+            cached = cache[0][0].size(2) if cache else 0
+            if start_pos is None:
+                start_pos = cached
+            elif cache and start_pos != cached:
+                raise ValueError(
+                    f"start_pos {start_pos} does not follow the {cached} cached tokens")
+            if start_pos + T > self.config.max_seq_len:
+                raise ValueError(
+                    f"{start_pos + T} positions exceed max_seq_len {self.config.max_seq_len}"
+                )
+            cos = self.rope.cos[start_pos : start_pos + T]
+            sin = self.rope.sin[start_pos : start_pos + T]
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         filling = not cache  # an empty cache gets one entry per layer, appended below
         for i, block in enumerate(self.model.layers):
             past = None if filling else cache[i]
             if checkpointing:
-                x, present = checkpoint(block, x, cos, sin, past, use_reentrant=False)
+                x, present = checkpoint(block, x, cos, sin, past, key_mask, use_reentrant=False)
             else:
-                x, present = block(x, cos, sin, past)
+                x, present = block(x, cos, sin, past, key_mask)
             if cache is not None:
                 if filling:
                     cache.append(present)

@@ -1,123 +1,38 @@
-"""An OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, streaming
-as server-sent events) over an Engine: one base model and its LoRA adapters.
+"""An OpenAI-compatible HTTP API over an Engine (one base model and its LoRA adapters):
+/v1/models, /v1/completions, /v1/chat/completions (streaming as server-sent events), vLLM's
+/tokenize, /detokenize and runtime LoRA endpoints, Prometheus /metrics and /health.
 
-Built on the standard library's ThreadingHTTPServer rather than a web framework: the whole API
-is a few hundred lines, and a reference server should add no dependency. Generation is
-serialized by the Engine's lock; for production traffic serve the exported folders with vLLM
-(batching, multi-LoRA) or llama.cpp's server (GGUF).
+Requests decode concurrently in the engine's shared batch (serve/scheduler.py); connections
+are served by serve/http.py (a worker pool, idle connections on a selector); request bodies
+are checked by serve/api.py. Every error, a client's or a bug, is a JSON body in OpenAI's shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import queue
 import sys
+import threading
 import time
 import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from typing import Any
 
 from domainlm.errors import UserError
-from domainlm.model.decode import ContextError, ParamError, SamplingParams, TextStream
+from domainlm.model.decode import ContextError, ParamError, TextStream
+from domainlm.serve.api import APIError, get, parse, parse_json
 from domainlm.serve.engine import Engine, UnknownModel
+from domainlm.serve.http import ConnectionHandler, HTTPServer
+from domainlm.serve.logprobs import TokenText, chat_logprobs, completion_logprobs
+from domainlm.serve.metrics import Metrics
+from domainlm.serve.routes import RoutesMixin
 
 MAX_BODY = 16 * 1024 * 1024  # bytes; a larger request body is refused with 413
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-# Fields whose non-default values ask for features this server does not have: refused, not ignored.
-UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
-    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []),
-}
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (
-            status, message, param, code, type)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
-    """body[key] when it has one of the JSON types kinds (bool is never a number), else a 400."""
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
-        names = " or ".join(k.__name__.replace("str", "string").replace("float", "number")
-                            for k in kinds)
-        raise APIError(400, f"{key} must be {names}, got {json.dumps(value)[:80]}", key,
-                       "invalid_type")
-    return value
-
-
-def _params(engine: Engine, body: dict, prompt_tokens: int, chat: bool) -> SamplingParams:
-    """SamplingParams from an OpenAI request, checked against the model's context."""
-    for key, defaults in UNSUPPORTED.items():
-        if key in body and body[key] not in defaults:
-            raise APIError(400, f"{key} is not supported by this server", key, "unsupported")
-    n = _get(body, "n", (int,), 1)
-    if n != 1:
-        raise APIError(400, f"n must be 1 (one choice per request), got {n}", "n")
-    limit = engine.context
-    key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    # Without max_tokens: OpenAI's 16 for completions, the rest of the context for chat (vLLM).
-    room = max(limit - prompt_tokens, 1)
-    max_tokens = _get(body, key, (int,), room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
-    if not 1 <= max_tokens < limit:
-        raise APIError(400, f"{key} must be in [1, {limit - 1}] (the model's context is {limit} "
-                       f"tokens), got {max_tokens}", key)
-    if prompt_tokens + max_tokens > limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens, but "
-                       f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the "
-                       f"prompt, {max_tokens} for the completion); shorten the prompt or reduce "
-                       f"{key}", "messages" if chat else "prompt", "context_length_exceeded")
-    temperature = _get(body, "temperature", (int, float), 1.0)
-    if not 0 <= temperature <= 2:
-        raise APIError(400, f"temperature must be in [0, 2], got {temperature}", "temperature")
-    top_k = _get(body, "top_k", (int,))  # vLLM's extension; -1 or 0 means off, as there
-    stop = _get(body, "stop", (str, list), [])
-    try:
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=float(temperature),
-            top_k=top_k if top_k and top_k > 0 else None,
-            top_p=_get(body, "top_p", (int, float)), stop=[stop] if isinstance(stop, str) else stop,
-            seed=_get(body, "seed", (int,)))
-    except ParamError as e:
-        raise APIError(400, str(e), e.param) from None
-
-
-def _prompt(body: dict, chat: bool) -> str | list[dict]:
-    if chat:
-        messages = _get(body, "messages", (list,))
-        if not messages:
-            raise APIError(400, "messages must be a non-empty list", "messages")
-        out = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: only text is understood here
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise APIError(400, "only text content parts are supported",
-                                   f"messages[{i}].content")
-                content = "".join(str(p.get("text", "")) for p in content)
-            out.append({**m, "content": content} if isinstance(m, dict) else m)
-        return out
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string or a list of one string", "prompt")
-    return prompt
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(RoutesMixin, ConnectionHandler):
     server: APIServer
     protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connections
 
@@ -127,15 +42,32 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.log_requests:
             super().log_message(format, *args)
 
-    def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """BaseHTTPRequestHandler's errors (a malformed request line, headers too long, an
+        unknown method) in OpenAI's JSON shape instead of an HTML page."""
+        self.close_connection = True
+        # A request line too broken to parse leaves HTTP/0.9, which has no status line: answer
+        # in HTTP/1.1 so that clients see the status.
+        self.request_version = "HTTP/1.1"
+        kind = "invalid_request_error" if code < 500 else "server_error"
+        self._send(code, APIError(code, message or explain or "bad request", None,
+                                  None, kind).body())
+
+    def _send(self, status: int, body: dict | bytes, headers: dict[str, str] | None = None,
+              content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self._status = status
 
     def _chunk(self, data: bytes) -> None:  # chunked transfer encoding, for event streams
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -146,7 +78,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read(self) -> bytes:
         """The request body, read whatever the route, so the next request on the connection
-        starts where it should."""
+        starts where it should; a body that cannot be read closes the connection."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise APIError(411, "send the body with a Content-Length, not chunked", None,
+                           "length_required")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -158,165 +94,256 @@ class Handler(BaseHTTPRequestHandler):
                            None, "request_too_large" if status == 413 else None)
         return self.rfile.read(length)
 
-    def _json(self) -> dict:
-        try:
-            body = json.loads(self._raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON ({e})", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object", None, "invalid_json")
-        return body
+    def _json(self) -> Any:
+        return parse_json(self._raw)
 
-    def _handle(self, method: str) -> None:
-        routes = {"/v1/models": ("GET", self._models), "/health": ("GET", self._health),
-                  "/v1/completions": ("POST", lambda: self._generate(chat=False)),
-                  "/v1/chat/completions": ("POST", lambda: self._generate(chat=True))}
-        path = self.path.split("?", 1)[0].rstrip("/")
+    def _handle(self) -> None:
+        started = time.perf_counter()
+        method = self.command
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        route = path if path in self.ROUTES else (
+            "/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        self._status = 500
         try:
             self._raw = self._read()
-            if path.startswith("/v1/models/") and method == "GET":
-                return self._model(path[len("/v1/models/"):])
-            if path not in routes:
+            allowed = self.ROUTES.get(route)
+            if allowed is None:
                 raise APIError(404, f"unknown route {method} {path}", None, "not_found")
-            want, action = routes[path]
-            if method != want:
+            want, action = allowed
+            if method != want and not (method == "HEAD" and want == "GET"):
+                self.close_connection = self.close_connection or method not in (
+                    "GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS")
                 raise APIError(405, f"{path} takes {want}, not {method}", None,
                                "method_not_allowed")
-            action()
+            action(self, path)
         except APIError as e:
-            self._send(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
+            headers = {"Allow": self.ROUTES[route][0]} if e.status == 405 else None
+            self._send(e.status, e.body(), headers)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a bug: answer 500, log it, keep serving
             traceback.print_exc(file=sys.stderr)
             err = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
             self._send(500, err.body())
+        metrics = self.server.metrics
+        metrics.requests.labels(route, str(self._status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
 
-    def do_GET(self) -> None:  # noqa: N802 - the names BaseHTTPRequestHandler dispatches to
-        self._handle("GET")
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _handle
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle("POST")
-
-    # --------------------------------------------------------------------- routes
-
-    def _health(self) -> None:
-        self._send(200, {"status": "ok"})
-
-    def _card(self, name: str) -> dict:
-        engine = self.server.engine
-        return {"id": name, "object": "model", "created": self.server.created,
-                "owned_by": "domainlm", "root": engine.name,
-                "parent": None if name == engine.name else engine.name,
-                "max_model_len": engine.context}
-
-    def _models(self) -> None:
-        self._send(200, {"object": "list",
-                         "data": [self._card(n) for n in self.server.engine.models()]})
-
-    def _model(self, name: str) -> None:
-        if name not in self.server.engine.models():
-            raise APIError(404, f"model {name!r} does not exist", "model", "model_not_found")
-        self._send(200, self._card(name))
+    # --------------------------------------------------------------------- generation
 
     def _generate(self, chat: bool) -> None:
-        engine, body = self.server.engine, self._json()
-        model = _get(body, "model", (str,))
-        if model not in engine.models():
-            raise APIError(404, f"the model {model!r} does not exist; this server has "
+        started = time.perf_counter()
+        engine = self.server.engine
+        req = parse(self._json(), chat, engine.context)
+        if req.model not in engine.models():
+            raise APIError(404, f"the model {req.model!r} does not exist; this server has "
                            f"{engine.models()}", "model", "model_not_found")
-        prompt = _prompt(body, chat)
-        stream = _get(body, "stream", (bool,), False)
-        options = _get(body, "stream_options", (dict,), {})
+        where = "messages" if chat else "prompt"
+        params = req.params
         try:
-            ids, _ = engine.encode(prompt)
-            params = _params(engine, body, len(ids) or 1, chat)
-            pieces = engine.stream(model, prompt, params, truncate=False)
+            # An empty prompt is one token: the end-of-document token it starts after.
+            longest = max(len(engine.encode(p)[0]) or 1 for p in req.prompts)
+            if req.max_tokens == -1:  # a chat without max_tokens: the rest of the context
+                room = engine.context - longest
+                if room < 1 or room < params.min_tokens:
+                    raise ContextError(f"the prompt ({longest} tokens) leaves no room in the "
+                                       f"model's context of {engine.context} tokens")
+                params = dataclasses.replace(params, max_new_tokens=room)
+            elif longest + req.max_tokens > engine.context or longest >= engine.context:
+                raise ContextError(
+                    f"this model's maximum context length is {engine.context} tokens, but "
+                    f"{longest + req.max_tokens} were requested ({longest} in the prompt, "
+                    f"{req.max_tokens} for the completion); shorten the prompt or reduce "
+                    "max_tokens")
+            streams = engine.streams(req.model, req.prompts, params, n=req.n, truncate=False)
         except ParamError as e:
-            raise APIError(400, str(e), e.param) from None
+            param = e.param if e.param not in ("messages", "prompt") else where
+            raise APIError(400, str(e), param) from None
         except ContextError as e:
-            raise APIError(400, str(e), "messages" if chat else "prompt",
-                           "context_length_exceeded") from None
+            raise APIError(400, str(e), where, "context_length_exceeded") from None
         except (UnknownModel, UserError) as e:
             raise APIError(400, str(e)) from None
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
-                "created": int(time.time()), "model": model}
-        if stream:
-            return self._stream(pieces, head, chat, bool(options.get("include_usage")))
+                "created": int(time.time()), "model": req.model}
+        flat = [(i, s) for i, choices in enumerate(streams) for s in choices]
         try:
-            text = "".join(pieces)
+            if req.stream:
+                self._stream(req, flat, head, chat, started)
+            else:
+                self._whole(req, flat, head, chat)
         finally:
-            pieces.close()
-        choice: dict[str, Any] = {"index": 0, "logprobs": None,
-                                  "finish_reason": pieces.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        self._send(200, {**head, "choices": [choice], "usage": _usage(pieces)})
+            for _, s in flat:
+                s.close()  # a client that went away frees its rows
+            metrics = self.server.metrics
+            metrics.prompt_tokens.inc(sum(c[0].prompt_tokens for c in streams))
+            metrics.generation_tokens.inc(sum(s.completion_tokens for _, s in flat))
 
-    def _stream(self, pieces: TextStream, head: dict, chat: bool, usage: bool) -> None:
+    def _echo(self, req: Any, prompt_index: int, s: TextStream) -> str:
+        if not req.echo:
+            return ""
+        prompt = req.prompts[prompt_index]
+        return prompt if isinstance(prompt, str) else self.server.engine.sp.decode(s.prompt_ids)
+
+    def _entries(self, req: Any, s: TextStream, tokens: list) -> list:
+        entries = []
+        if req.echo:
+            lps = s.sequence.prompt_logprobs or [None] * len(s.prompt_ids)
+            entries = list(zip(s.prompt_ids, lps, strict=True))
+        if req.max_tokens != 0:
+            entries += [(t.id, t.logprob) for t in tokens]
+        return entries
+
+    def _logprobs(self, req: Any, chat: bool, entries: list, start: int) -> dict | None:
+        if req.logprobs is None:
+            return None
+        table = self.server.tokens
+        return chat_logprobs(table, entries) if chat else completion_logprobs(table, entries,
+                                                                              start)
+
+    def _whole(self, req: Any, flat: list, head: dict, chat: bool) -> None:
+        choices = []
+        for index, (p, s) in enumerate(flat):
+            text = "".join(piece for piece, _ in s.pieces())
+            echo = self._echo(req, p, s)
+            if req.max_tokens == 0:
+                text, s.completion_tokens = "", 0
+            choice: dict[str, Any] = {"index": index, "finish_reason": s.finish_reason,
+                                      "logprobs": self._logprobs(
+                                          req, chat, self._entries(req, s, s.tokens), 0)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = echo + text
+            choices.append(choice)
+        self._send(200, {**head, "choices": choices, "usage": _usage(req, flat)})
+
+    def _stream(self, req: Any, flat: list, head: dict, chat: bool, started: float) -> None:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict:
+        def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False,
+                  logprobs: dict | None = None) -> dict:
             if chat:
                 delta = {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": {"role": "assistant", **delta} if role else delta}
+                choice = {"index": index,
+                          "delta": {"role": "assistant", **delta} if role else delta}
             else:
-                choice = {"index": 0, "text": text or ""}
-            return {**head, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
+                choice = {"index": index, "text": text or ""}
+            return {**head, "choices": [{**choice, "logprobs": logprobs,
+                                         "finish_reason": finish}]}
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self._status = 200
+        sent = [0] * len(flat)  # characters of each choice's text sent so far
+        echoed = [False] * len(flat)
+        first = True
         try:
             if chat:
-                self._event(chunk("", role=True))
-            for piece in pieces:
-                self._event(chunk(piece))
-            self._event(chunk(None, pieces.finish_reason))
-            if usage:
-                self._event({**head, "choices": [], "usage": _usage(pieces)})
-        except (BrokenPipeError, ConnectionResetError):
+                for index in range(len(flat)):
+                    self._event(chunk(index, "", role=True))
+            for index, text, tokens, done in _merged([s for _, s in flat]):
+                p, s = flat[index]
+                if first:
+                    self.server.metrics.first_token.observe(time.perf_counter() - started)
+                    first = False
+                if req.echo and not echoed[index]:  # the prefill is done: its log-probs too
+                    echo = self._echo(req, p, s)
+                    self._event(chunk(index, echo, logprobs=self._logprobs(
+                        req, chat, self._entries(req, s, []), 0)))
+                    sent[index], echoed[index] = len(echo), True
+                if req.max_tokens == 0:
+                    s.completion_tokens = 0
+                elif text or tokens:
+                    entries = [(t.id, t.logprob) for t in tokens]
+                    self._event(chunk(index, text, logprobs=self._logprobs(
+                        req, chat, entries, sent[index])))
+                    sent[index] += len(text)
+                if done:
+                    self._event(chunk(index, None, s.finish_reason))
+            if req.include_usage:
+                self._event({**head, "choices": [], "usage": _usage(req, flat)})
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
             return
         except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
             traceback.print_exc(file=sys.stderr)
             self._event(APIError(500, f"internal error: {type(e).__name__}: {e}",
                                  type="server_error").body())
-        finally:
-            pieces.close()  # frees the engine's lock even when the client went away
         self._event("[DONE]")
         self._chunk(b"")
 
 
-def _usage(pieces: TextStream) -> dict[str, int]:
-    return {"prompt_tokens": pieces.prompt_tokens, "completion_tokens": pieces.completion_tokens,
-            "total_tokens": pieces.prompt_tokens + pieces.completion_tokens}
+def _merged(streams: list[TextStream]) -> Iterator[tuple[int, str, list, bool]]:
+    """(choice, text, tokens, finished) as each stream produces them: one stream inline,
+    several through a queue fed by one thread each (they decode in the same batch, so a
+    round-robin reader would wait on the slowest)."""
+    if len(streams) == 1:
+        for text, tokens in streams[0].pieces():
+            yield 0, text, tokens, False
+        yield 0, "", [], True
+        return
+    q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def pump(i: int, s: TextStream) -> None:
+        try:
+            for text, tokens in s.pieces():
+                q.put((i, text, tokens, False))
+            q.put((i, "", [], True))
+        except BaseException as e:  # noqa: BLE001 - handed to the writer
+            q.put(e)
+
+    for i, s in enumerate(streams):
+        threading.Thread(target=pump, args=(i, s), daemon=True).start()
+    left = len(streams)
+    while left:
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        left -= item[3]
+        yield item
 
 
-class APIServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never keeps the process alive
+def _usage(req: Any, flat: list) -> dict[str, int]:
+    prompts = {p: s.prompt_tokens for p, s in flat}
+    prompt = sum(prompts.values())
+    completion = sum(s.completion_tokens for _, s in flat)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
-    def __init__(self, engine: Engine, address: tuple[str, int], log_requests: bool) -> None:
-        super().__init__(address, Handler)
+
+class APIServer(HTTPServer):
+    """The HTTP server with the engine, its metrics and token names."""
+
+    def __init__(self, engine: Engine, address: tuple[str, int], log_requests: bool,
+                 allow_adapter_updates: bool = False, **http: Any) -> None:
+        super().__init__(address, Handler, **http)
         self.engine, self.log_requests = engine, log_requests
+        self.allow_adapter_updates = allow_adapter_updates
         self.created = int(time.time())
+        self.tokens = TokenText(engine.sp)
+        self.metrics = Metrics(engine.scheduler.stats, lambda: self.connections)
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0,
-                log_requests: bool = False) -> APIServer:
+                log_requests: bool = False, allow_adapter_updates: bool = False,
+                **http: Any) -> APIServer:
     """A server bound to (host, port), not yet serving (port 0: any free port, see
-    server.server_address); run server.serve_forever() in a thread and server.shutdown()."""
-    return APIServer(engine, (host, port), log_requests)
+    server.server_address); run server.serve_forever() in a thread and server.shutdown().
+    http: serve/http.py's workers, idle_timeout, request_timeout, max_connections."""
+    return APIServer(engine, (host, port), log_requests, allow_adapter_updates, **http)
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000,
+          allow_adapter_updates: bool = False, **http: Any) -> None:
     """Serve until Ctrl-C, logging one line per request to stderr."""
-    server = make_server(engine, host, port, log_requests=True)
+    server = make_server(engine, host, port, log_requests=True,
+                         allow_adapter_updates=allow_adapter_updates, **http)
     h, p = server.server_address[:2]
     print(f"serving {', '.join(engine.models())} at http://{h}:{p}/v1 (Ctrl-C stops)",
           file=sys.stderr, flush=True)
@@ -326,3 +353,6 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
         pass
     finally:
         server.server_close()
+
+
+__all__ = ["APIError", "APIServer", "get", "make_server", "serve"]

@@ -52,14 +52,16 @@ class PromptTuned(nn.Module):
         return self.base.config
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None
+        self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
+        **batched: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         """(logits (B, T, vocab) of the real positions, loss over the real targets or None).
 
-        With a non-empty cache the virtual tokens are already in it, so idx goes straight on.
+        With a non-empty cache the virtual tokens are already in it, so idx goes straight on
+        (with a batch's per-row positions and key mask, `batched`, which count them).
         """
         if cache:
-            return self.base(idx, targets, cache=cache)
+            return self.base(idx, targets, cache=cache, **batched)
         B, n = idx.size(0), self.n_virtual
         prompt = self.prompt_embeddings.to(self.base.model.embed_tokens.weight.dtype)
         x = torch.cat((prompt.expand(B, -1, -1), self.base.model.embed_tokens(idx)), dim=1)
