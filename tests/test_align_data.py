@@ -85,7 +85,7 @@ BAD_LINES = [
     (json.dumps({"prompt": "p", "completions": ["a", "b"], "ranking": ["1", 2]}), "bad_ranking"),
     (json.dumps({"prompt": "p", "completions": ["a"], "ranking": [1]}), "bad_field"),
     (json.dumps({"prompt": "p", "completions": ["a", 3], "ranking": [1, 2]}), "bad_field"),
-    (json.dumps({"prompt": "p", "completions": ["a", "  "], "ranking": [1, 2]}), "empty_field"),
+    (json.dumps({"prompt": "  ", "completions": ["a", ""], "ranking": [1, 2]}), "empty_field"),
     (json.dumps({"prompt": "p", "chosen": "a"}), "missing_field"),
     (json.dumps({"chosen": "a", "rejected": "b"}), "missing_field"),
     (json.dumps({"prompt": 7, "chosen": "a", "rejected": "b"}), "bad_field"),

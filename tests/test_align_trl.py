@@ -41,11 +41,12 @@ CHAT = ("{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>\\n' ~ m['content'] ~ '
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
-def trl_batch_and_loss(root, rows, loss_type: str, beta: float):
+def trl_batch_and_loss(root, rows, loss_type: str | list, beta: float, weights=None):
     tokenizer = AutoTokenizer.from_pretrained(root / "policy")
     args = DPOConfig(
-        output_dir=str(root / f"out-{loss_type}"), per_device_train_batch_size=len(rows),
-        beta=beta, loss_type=[loss_type], report_to=[], use_cpu=True,
+        output_dir=str(root / "out"), per_device_train_batch_size=len(rows),
+        beta=beta, loss_type=[loss_type] if isinstance(loss_type, str) else loss_type,
+        loss_weights=weights, report_to=[], use_cpu=True,
         bf16=False,  # TRL would run its reference under bf16 autocast; compare in fp32
         dataloader_num_workers=0, seed=0,
     )
@@ -60,14 +61,14 @@ def trl_batch_and_loss(root, rows, loss_type: str, beta: float):
     return batch, float(loss)
 
 
-def ours(root, batch, kind: str, beta: float) -> float:
+def ours(root, batch, kind: str, beta: float, sft_weight: float = 0.0) -> float:
     ids = batch["input_ids"].cpu()
     labels = ids.masked_fill(batch["completion_mask"].cpu() == 0, IGNORE_INDEX)
     ours_batch = {"ids": ids, "labels": labels}
     ref = reference_logps(load_model(root / "reference"), [ours_batch])
     with torch.no_grad():
         return float(dpo_measures(load_model(root / "policy"), {**ours_batch, "ref": ref}, beta,
-                                  kind)["loss"])
+                                  kind, sft_weight)["loss"])
 
 
 @pytest.mark.parametrize("rows", [ROWS[:3], ROWS[3:]], ids=["text", "chat"])
@@ -84,3 +85,12 @@ def test_ipo_loss_equals_trl(folders):
     batch, expected = trl_batch_and_loss(folders, ROWS[:3], "ipo", beta=0.5)
     got = ours(folders, batch, "ipo", beta=0.5)
     assert abs(got - expected) < 1e-5 * max(1.0, abs(expected)), (got, expected)
+
+
+def test_dpo_with_the_chosen_nll_equals_trls_sigmoid_plus_sft(folders):
+    batch, expected = trl_batch_and_loss(folders, ROWS[:3], ["sigmoid", "sft"], beta=0.1,
+                                         weights=[1.0, 0.5])
+    got = ours(folders, batch, "sigmoid", beta=0.1, sft_weight=0.5)
+    assert abs(got - expected) < 1e-5 * max(1.0, abs(expected)), (got, expected)
+    plain = ours(folders, batch, "sigmoid", beta=0.1)
+    assert abs(got - plain) > 0.1  # the NLL term is there

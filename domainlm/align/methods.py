@@ -126,7 +126,7 @@ def train_dpo(recipe: Recipe, method: str, sft: Llama, data: AlignData, refs: di
     steps = steps_for(len(data.train), cfg_m.epochs, a.micro_batch, a.grad_accum, 1)
     cfg = train_config(recipe, lr, steps)
     module = DPOModule(policy, cfg, beta=cfg_m.beta, kind="sigmoid" if method == "dpo" else "ipo",
-                       total_steps=steps, grad_accum=a.grad_accum,
+                       sft_weight=cfg_m.sft_weight, total_steps=steps, grad_accum=a.grad_accum,
                        flops_per_batch=_flops(sft, recipe))
     pair_data = _pair_data(recipe, _pair_items(data.train, refs["train"]),
                            _pair_items(data.heldout, refs["heldout"]), steps)

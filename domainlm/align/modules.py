@@ -89,24 +89,30 @@ class DPOModule(PairModule):
     before training (batch["ref"], (B, 2)), so no reference model is held during it."""
 
     def __init__(self, model: nn.Module, train: TrainConfig, *, beta: float, kind: str,
-                 **kwargs) -> None:
+                 sft_weight: float = 0.0, **kwargs) -> None:
         super().__init__(model, train, **kwargs)
-        self.beta, self.kind = beta, kind
+        self.beta, self.kind, self.sft_weight = beta, kind, sft_weight
 
     def measure(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return dpo_measures(self.model, batch, self.beta, self.kind)
+        return dpo_measures(self.model, batch, self.beta, self.kind, self.sft_weight)
 
 
-def dpo_measures(model: nn.Module, batch: dict[str, Tensor], beta: float, kind: str
-                 ) -> dict[str, Tensor]:
+def dpo_measures(model: nn.Module, batch: dict[str, Tensor], beta: float, kind: str,
+                 sft_weight: float = 0.0) -> dict[str, Tensor]:
     """The DPO/IPO loss of a collated batch and what it implies: the implicit rewards of
-    chosen and rejected, their margin and the share of pairs where chosen's is higher."""
+    chosen and rejected, their margin and the share of pairs where chosen's is higher.
+
+    sft_weight adds the chosen replies' negative log-likelihood per token (RPO, Pang et al.
+    2024; TRL's loss_type "sft"): it keeps the chosen replies likely, where DPO alone may
+    lower both sides and let greedy decoding drift."""
     logps, counts = sequence_logps(model, batch["ids"], batch["labels"])
     policy = torch.stack(logps.chunk(2), dim=1)  # (B, 2): chosen, rejected
     lengths = torch.stack(counts.chunk(2), dim=1)
     losses, chosen, rejected = dpo_loss(policy, batch["ref"].to(policy), beta, kind, lengths)
+    nll = -policy[:, 0].sum() / lengths[:, 0].sum().clamp(min=1)
     return {
-        "loss": losses.mean(),
+        "loss": losses.mean() + sft_weight * nll,
+        "nll_chosen": nll.detach(),
         "reward_chosen": chosen.mean(),
         "reward_rejected": rejected.mean(),
         "margin": (chosen - rejected).mean(),

@@ -250,21 +250,22 @@ def _messages(turns: list, name: str) -> tuple:
 
 
 def _reply(value: Any, name: str) -> str:
-    """A completion: text, or TRL's conversational form [{"role": "assistant", "content"}]."""
+    """A completion: text, or TRL's conversational form [{"role": "assistant", "content"}].
+    It may be empty: a model that answers nothing is a sample labelers rank too."""
     if type(value) is list:
         if len(value) != 1 or type(value[0]) is not dict or value[0].get("role") != "assistant":
             raise BadRecord(BAD_FIELD, f"`{name}` as messages must be one assistant message")
         value = value[0].get("content")
         name = f"{name}[0].content"
-    return _text(value, name)
+    return _text(value, name, empty=True)
 
 
-def _text(value: Any, name: str) -> str:
+def _text(value: Any, name: str, empty: bool = False) -> str:
     if value is None:
         raise BadRecord(MISSING_FIELD, f"`{name}` is missing or null")
     if type(value) is not str:
         raise BadRecord(BAD_FIELD, f"`{name}` must be text, got {json_type(value)}")
-    if not value.strip():
+    if not empty and not value.strip():
         raise BadRecord(EMPTY_FIELD, f"`{name}` is empty or only whitespace")
     try:
         value.encode("utf-8")

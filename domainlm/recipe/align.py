@@ -51,6 +51,7 @@ class DPOConfig:
     fields for IPO (Azar et al. 2023), whose beta is the regularization tau."""
 
     beta: float = 0.1  # strength of the implicit KL constraint to the reference
+    sft_weight: float = 0.0  # weight of the chosen replies' token NLL added (RPO); 0: plain DPO
     lr: float = 1e-3
     epochs: float = 2.0  # passes over the training pairs
 
