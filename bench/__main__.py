@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import corpus, generate, langid, pretrain, tokens
+from bench import align, corpus, generate, langid, pretrain, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
@@ -12,6 +12,7 @@ SECTIONS = {
     "tokens": tokens.main,
     "pretrain": pretrain.main,
     "generate": generate.main,
+    "align": align.main,
 }
 
 
