@@ -157,6 +157,25 @@ def test_the_aligned_adapter_loads_in_peft_and_transformers(aligned):
     assert layout.models()["dpo"] == layout.align_merged("dpo")
 
 
+def test_the_server_engine_serves_the_aligned_adapter_on_its_base(aligned):
+    """`domainlm serve --model sft/full/model --adapter dpo=align/dpo/model`: the adapter's
+    answer is the merged folder's, the base's is the instruction-tuned model's."""
+    from domainlm.model.decode import SamplingParams
+    from domainlm.serve.engine import Engine
+
+    recipe, _ = aligned
+    layout = recipe.layout
+    messages = [{"role": "user", "content": "Sentiment: bond was grim."}]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    served = Engine(layout.sft_model("full"), {"dpo": layout.align_model("dpo")})
+    alone = Engine(layout.align_merged("dpo"))
+    sft = Engine(layout.sft_model("full"))
+    assert served.generate("dpo", messages, params).text == alone.generate(
+        alone.name, messages, params).text
+    assert served.generate(served.name, messages, params).text == sft.generate(
+        sft.name, messages, params).text
+
+
 def test_a_second_run_is_up_to_date(aligned):
     recipe, _ = aligned
     result = CliRunner().invoke(main, ["align", "--recipe", str(recipe.path)])

@@ -10,7 +10,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from domainlm.align.losses import bradley_terry, dpo_loss
 from domainlm.align.sequences import sequence_logps
-from domainlm.model.llama import IGNORE_INDEX
 from domainlm.recipe import TrainConfig
 from domainlm.train import optim
 
@@ -129,7 +128,3 @@ def reference_logps(model: nn.Module, batches) -> Tensor:
         logps, _ = sequence_logps(model, batch["ids"], batch["labels"])
         out.append(torch.stack(logps.chunk(2), dim=1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
-
-
-def count_targets(labels: Tensor) -> Tensor:
-    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from domainlm.align.records import Pair, Preferences, prompt_key, read_preferences
+from domainlm.align.records import Preferences, prompt_key, read_preferences
 from domainlm.align.sequences import EncodedPair, encode_pair
 from domainlm.corpus.mix import unit_hash
 from domainlm.errors import UserError
@@ -103,7 +103,3 @@ def load_data(recipe: Recipe, sft: nn.Module, sp, template: Template, sft_hash: 
         raise UserError("align: no usable preference pairs; see build/<run>/align/data/"
                         "rejected.jsonl for every quarantined line and why")
     return AlignData(encoded["train"], encoded["heldout"], eval_prompts, counts, quarantined)
-
-
-def pairs_of(items: list[Pair]) -> int:
-    return len(items)

@@ -106,6 +106,9 @@ def write_report(path: Path, recipe: Recipe, m: dict) -> None:
               "Saved as a transformers `LlamaForSequenceClassification` folder: "
               "`reward/model`.", ""]
     curves = read_curves(layout.align_method("reward") / "logs" / "metrics.csv")
+    plot(curves, CURVES["reward"], f"reward model ({recipe.name})",
+         layout.align_method("reward") / "curves.png")
+    lines += ["![reward model curves](reward/curves.png)", ""]
     lines += _curve_rows(curves, CURVES["reward"]) + [""]
     sft = m["sft"]
     lines += ["## Against the instruction-tuned model on held-out prompts", "",
