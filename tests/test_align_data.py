@@ -146,3 +146,22 @@ def test_the_demo_labeler_ranks_by_rouge_with_the_reference_first():
 def test_prompt_keys_are_the_content():
     a = records.prompt_key((("user", "x"),))
     assert a == records.prompt_key((("user", "x"),)) != records.prompt_key((("user", "y"),))
+
+
+def test_align_before_finetune_names_the_command(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from domainlm.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "x", "build_dir": str(tmp_path / "build"),
+        "corpus": {"sources": [{"name": "s", "path": str(tmp_path)}]},
+    }))
+    result = CliRunner().invoke(main, ["align", "--recipe", str(path)])
+    assert result.exit_code == 2 and "make finetune" in result.output
+    assert "Traceback" not in result.output
+    path.write_text(path.read_text() + "align:\n  sft_model: dpo\n")
+    result = CliRunner().invoke(main, ["align", "--recipe", str(path)])
+    assert result.exit_code == 2 and "is not a model to align" in result.output

@@ -76,6 +76,7 @@ def tiny_recipe_train():
     return TrainConfig(precision="32-true", log_every=1)
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_toy_reward_with_the_kl_bounded(tmp_path):
     cfg = PPOConfig(steps=14, prompts_per_step=16, ppo_epochs=4, minibatch=8, lr=1e-3,
                     kl_coef=0.05, temperature=1.0, ckpt_every=7)
@@ -90,6 +91,7 @@ def test_ppo_raises_a_toy_reward_with_the_kl_bounded(tmp_path):
     assert all(float(r["train/clipfrac"]) <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_toy_reward(tmp_path):
     cfg = GRPOConfig(steps=14, prompts_per_step=4, group_size=4, ppo_epochs=2, minibatch=8,
                      lr=1e-3, kl_coef=0.04, ckpt_every=7)

@@ -60,6 +60,7 @@ def tiny_recipe(tmp_path, **train) -> Recipe:
     return recipe
 
 
+@pytest.mark.slow
 def test_the_reward_model_learns_a_planted_preference(tmp_path):
     train, heldout = planted_pairs(320, seed=1), planted_pairs(100, seed=2)
     recipe = tiny_recipe(tmp_path)
@@ -71,7 +72,7 @@ def test_the_reward_model_learns_a_planted_preference(tmp_path):
     items = [(p, 0.0, 0.0) for p in train]
     data = StepData(items, [(p, 0.0, 0.0) for p in heldout], micro_batch=16, grad_accum=1,
                     total_steps=steps, seed=recipe.seed, collate=collate_pairs)
-    before = pair_accuracy(rm.eval(), heldout)
+    before = pair_accuracy(rm, heldout)
     fit(recipe, "reward", module, data, cfg, total_steps=steps, micro_batch=16, grad_accum=1,
         seq_len=32, fingerprint="planted", force=False, progress=False)
     after = pair_accuracy(rm.eval(), heldout)
