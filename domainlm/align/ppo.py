@@ -115,7 +115,9 @@ class PPOModule(L.LightningModule):
         """(log-probs (N, r) of the completion tokens, their logits (N, r, V), values (N, r)
         when `model` is the policy with a value head)."""
         x, y = seq[:, :-1], seq[:, 1:].masked_fill(seq[:, 1:] == special.PAD_ID, IGNORE_INDEX)
-        logits = model(x)[0]
+        # The distribution the rollouts were sampled from: the logits over the temperature (as
+        # TRL does), so ratios, KL and entropy are those of the policy that acted.
+        logits = model(x)[0] / self.cfg.temperature
         logp = completion_view(token_logps(logits, y), starts, r)
         values = None
         if model is self.model and self.value_head is not None:
