@@ -50,7 +50,10 @@ def main(quick: bool = False) -> None:
         "## Alignment on the demo (`make align`, CPU)",
         "",
         f"Machine: {machine()}. Commit {commit()}. Command: `python -m bench align` (one run "
-        f"from scratch, {time.strftime('%Y-%m-%d')}); load average {load:.1f} when it started"
+        f"from scratch, {time.strftime('%Y-%m-%d')}"
+        + (f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+           if os.environ.get("OMP_NUM_THREADS") else "")
+        + f"); load average {load:.1f} when it started"
         + (" (other work shared the cores: the minutes are inflated)" if load > 2 else "")
         + ".",
         "",
