@@ -1,5 +1,6 @@
 # domainlm: the pipeline's stages, wired by the files each one writes under build/<run>/.
 #   make corpus pretrain finetune      the demo recipe on CPU (creates .venv on first use)
+#   make align                         preference tuning of the fine-tuned model (after finetune)
 #   make corpus RECIPE=recipes/x.yaml  any stage with another recipe
 #   make test                          the whole test suite
 # Every stage command is idempotent: it compares its inputs with its manifest and does
@@ -17,7 +18,7 @@ DLM    := $(BIN)/domainlm
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup corpus tokenizer tokens plan pretrain finetune quantize eval bench test test-fast \
+.PHONY: setup corpus tokenizer tokens plan pretrain finetune align quantize eval bench test test-fast \
         lint clean check-gguf
 
 setup: $(STAMP)
@@ -46,7 +47,10 @@ pretrain: plan
 finetune: pretrain
 	$(DLM) finetune --recipe $(RECIPE)
 
-quantize: finetune
+align: finetune
+	$(DLM) align --recipe $(RECIPE)
+
+quantize: align
 	$(DLM) quantize --recipe $(RECIPE)
 
 eval: quantize

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import corpus, generate, langid, pretrain, serve, tokens
+from bench import align, corpus, generate, langid, pretrain, serve, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
@@ -13,6 +13,7 @@ SECTIONS = {
     "pretrain": pretrain.main,
     "generate": generate.main,
     "serve": serve.main,
+    "align": align.main,
 }
 
 

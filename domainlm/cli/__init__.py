@@ -2,7 +2,7 @@
 
 Importing this package registers every sub-command on `main` (the console script's entry)."""
 
-from domainlm.cli import data, evaluation, serving, training  # noqa: F401 - they register
+from domainlm.cli import align, data, evaluation, serving, training  # noqa: F401 - they register
 from domainlm.cli.base import main
 
 __all__ = ["main"]

@@ -44,6 +44,6 @@ def main() -> None:
     """Build a domain-specific language model end to end.
 
     Stages, in order (each reads the previous stage's files under build/<run>/):
-    corpus, tokenizer, tokens, plan, pretrain, finetune, quantize, eval.
+    corpus, tokenizer, tokens, plan, pretrain, finetune, align, quantize, eval.
     The Makefile runs them: `make corpus pretrain finetune`.
     """

@@ -12,6 +12,7 @@ import click
 from domainlm.errors import UserError
 from domainlm.files import read_json, write_text
 from domainlm.recipe import Recipe
+from domainlm.recipe.layout import ALIGN_METHODS
 from domainlm.stage import Stage, file_inputs, run_stage
 
 STAGE_VERSION = 1
@@ -54,7 +55,7 @@ def quantize_stage(recipe: Recipe) -> tuple[Stage, dict[str, Path]]:
     folders = {name: layout.model(name) for name in recipe.export.models}
     for name, folder in folders.items():
         if not (folder / "config.json").exists():
-            stage = "pretrain" if name == "base" else "finetune"
+            stage = {"base": "pretrain"}.get(name, "align" if name in ALIGN_METHODS else "finetune")
             raise UserError(f"{folder} does not exist: run `make {stage} RECIPE={recipe.path}`")
     files = [p for f in folders.values() for p in sorted(f.iterdir()) if p.is_file()]
     files += sorted(p for p in layout.tokens.glob("val*") if p.is_file())

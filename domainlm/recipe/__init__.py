@@ -1,6 +1,15 @@
 """Recipes: one YAML file describes a whole run; its sections are dataclasses (one module per
 stage group) and `load_recipe` validates it with messages that name the key."""
 
+from domainlm.recipe.align import (
+    AlignConfig,
+    AlignLoRAConfig,
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    PreferenceSource,
+    RewardConfig,
+)
 from domainlm.recipe.corpus import (
     CorpusConfig,
     DecontamConfig,
@@ -31,24 +40,31 @@ from domainlm.recipe.stages import (
 
 __all__ = [
     "AdapterConfig",
+    "AlignConfig",
+    "AlignLoRAConfig",
     "CorpusConfig",
+    "DPOConfig",
     "DecontamConfig",
     "DedupConfig",
     "EvalConfig",
     "ExportConfig",
     "FinetuneConfig",
     "FullConfig",
+    "GRPOConfig",
     "InstructionSource",
     "LlamaConfig",
     "LoRAConfig",
     "ModelConfig",
     "PIIConfig",
+    "PPOConfig",
     "PlanConfig",
+    "PreferenceSource",
     "PromptTuningConfig",
     "QLoRAConfig",
     "QualityFilters",
     "Recipe",
     "RecipeError",
+    "RewardConfig",
     "SelectiveConfig",
     "SourceConfig",
     "TokenizerConfig",

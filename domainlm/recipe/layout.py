@@ -7,8 +7,10 @@ from pathlib import Path
 from domainlm.errors import UserError
 
 # Whole models a run can hold, by the name that export.models, `make eval` and the serving
-# commands use: the pretrained base and each fine-tuned model that is a complete folder.
-MODEL_NAMES = ("base", "full", "selective", "lora-merged")
+# commands use: the pretrained base, each fine-tuned model that is a complete folder, and each
+# aligned policy (its whole folder: the merged one when the policy is a LoRA adapter).
+ALIGN_METHODS = ("dpo", "ipo", "ppo", "grpo")
+MODEL_NAMES = ("base", "full", "selective", "lora-merged", *ALIGN_METHODS)
 
 
 class RunLayout:
@@ -81,6 +83,35 @@ class RunLayout:
     def lora_merged(self) -> Path:
         return self.sft / "lora-merged"
 
+    def align_method(self, method: str) -> Path:
+        """align/<method>/: checkpoints, logs and the outputs of one alignment method (or of
+        the reward model: align/reward/)."""
+        return self.align / method
+
+    def align_model(self, method: str) -> Path:
+        """What a method saved: a PEFT LoRA adapter over the instruction-tuned model, or a whole
+        Hugging Face folder (full tuning; the reward model's LlamaForSequenceClassification)."""
+        return self.align_method(method) / "model"
+
+    def align_merged(self, method: str) -> Path:
+        """A LoRA policy merged into its base: the whole folder export and eval read."""
+        return self.align_method(method) / "merged"
+
+    def align_whole(self, method: str) -> Path:
+        """The aligned policy as a whole folder: model/ when it is one (full tuning), else
+        merged/."""
+        model = self.align_model(method)
+        return model if (model / "config.json").is_file() else self.align_merged(method)
+
+    @property
+    def align_data(self) -> Path:
+        """align/data/: the demo's labeled preferences, the pairs and what was quarantined."""
+        return self.align / "data"
+
+    @property
+    def reward_model(self) -> Path:
+        return self.align_model("reward")
+
     def export_target(self, model: str, fmt: str, gguf_type: str | None = None) -> Path:
         """export/<model>/<format>/ (a folder), or export/<model>/model-<TYPE>.gguf."""
         name = f"model-{gguf_type}.gguf" if gguf_type else fmt
@@ -110,6 +141,7 @@ class RunLayout:
             "full": self.sft_model("full"),
             "selective": self.sft_model("selective"),
             "lora-merged": self.lora_merged,
+            **{m: self.align_whole(m) for m in ALIGN_METHODS},
         }
         if existing:
             folders = {k: p for k, p in folders.items() if (p / "config.json").is_file()}

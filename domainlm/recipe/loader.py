@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from domainlm.errors import UserError
+from domainlm.recipe.align import AlignConfig
 from domainlm.recipe.checks import FieldError, Rule, check_section
 from domainlm.recipe.corpus import (
     CorpusConfig,
@@ -48,6 +49,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

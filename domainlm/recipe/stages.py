@@ -130,7 +130,8 @@ class TrainConfig:
 class ExportConfig:
     """Quantization and export (`make quantize`)."""
 
-    # Which models: base (pretrain/model), and from sft/: full, selective, lora-merged.
+    # Which models: base (pretrain/model), from sft/: full, selective, lora-merged, and from
+    # align/: dpo, ipo, ppo, grpo (the aligned policy as a whole folder).
     models: list[str] = field(default_factory=lambda: ["base"])
     formats: list[
         Literal[

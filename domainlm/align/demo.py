@@ -1,0 +1,69 @@
+"""The demo's preference data, labeled by a program that stands in for people: the
+instruction-tuned model's own samples for the demo's instructions, ranked by ROUGE-L against
+the reference answer, with the reference itself ranked first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from domainlm.align.sampling import fits, prompt_ids, sample_texts
+from domainlm.corpus.mix import unit_hash
+from domainlm.files import atomic_path
+from domainlm.finetune.demo import python_docs_examples
+from domainlm.finetune.records import Example
+from domainlm.metrics import rouge
+from domainlm.recipe import AlignConfig
+from domainlm.tokenizer.templates import Template
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    """ROUGE-L F-measure of one answer (0-1): the demo's judge and labeler."""
+    return rouge([reference], [prediction])["rougeL"]
+
+
+def dense_ranks(scores: list[float]) -> list[int]:
+    """Rank 1 for the highest score; equal scores share a rank (a tie)."""
+    distinct = sorted(set(scores), reverse=True)
+    return [distinct.index(s) + 1 for s in scores]
+
+
+def label(reference: str, samples: list[str]) -> dict:
+    """One ranked record's completions and ranking: the reference first, then the samples,
+    ranked by ROUGE-L against the reference (the reference scores 1)."""
+    completions = [reference, *samples]
+    return {"completions": completions,
+            "ranking": dense_ranks([rouge_l(reference, c) for c in completions])}
+
+
+def demo_examples(seed: int, heldout_fraction: float) -> tuple[list[Example], list[Example]]:
+    """The instruction set of `make finetune`'s demo with its split (held-out modules), so the
+    held-out prompts are about modules neither fine-tuning nor alignment trained on."""
+    return python_docs_examples(heldout_fraction=heldout_fraction, seed=seed)
+
+
+def choose(examples: list[Example], count: int, seed: int, salt: str) -> list[Example]:
+    """`count` examples chosen by a seeded hash, in source order."""
+    ranked = sorted(range(len(examples)),
+                    key=lambda i: unit_hash(salt, seed, examples[i].task, examples[i].origin))
+    return [examples[i] for i in sorted(ranked[:count])]
+
+
+def write_labeled(model: nn.Module, sp, template: Template, examples: list[Example],
+                  cfg: AlignConfig, seed: int, out: Path) -> int:
+    """Sample cfg.samples completions of each example's question, label them, and write ranked
+    records to `out` (the format a labeling team returns); returns the records written."""
+    usable = [e for e in examples
+              if fits(model, prompt_ids(sp, template, e.messages[:-1]), cfg.max_new_tokens)]
+    samples = sample_texts(model, sp, template, [e.messages[:-1] for e in usable], cfg.samples,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_p=cfg.top_p, seed=seed)
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for e, texts in zip(usable, samples, strict=True):
+            record = {"prompt": e.messages[-2]["content"],
+                      **label(e.messages[-1]["content"], texts),
+                      "origin": e.origin, "task": e.task}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(usable)
