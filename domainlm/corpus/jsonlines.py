@@ -288,15 +288,38 @@ def sniff(head: bytes, rel: str) -> None:
             enc = "UTF-16LE"
         elif even and even.count(0) > len(even) // 3:
             enc = "UTF-16BE"
-        else:
+        elif is_binary(head):
             raise ShardError(
                 rel,
-                "is a binary file (NUL bytes in its first 8 KiB), not UTF-8 text; "
-                "export the data as UTF-8 JSONL, Parquet or plain text",
+                "is a binary file (NUL bytes, and no line of UTF-8 text in its first 8 KiB), "
+                "not UTF-8 text; export the data as UTF-8 JSONL, Parquet or plain text",
             )
+        else:
+            return  # a stray NUL byte: only the line that holds it is quarantined
         raise ShardError(
             rel, f"looks like {enc} text; convert it with `iconv -f {enc} -t UTF-8 in > out`"
         )
+
+
+def is_binary(head: bytes) -> bool:
+    """Whether most of `head` is outside lines of UTF-8 text without NUL bytes.
+
+    One NUL byte in a JSONL file is one bad line, not a binary file: the file is refused as a
+    whole only when less than half of its first bytes are good text lines.
+    """
+    lines = head.split(b"\n")
+    if len(head) >= SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last line is cut off by the sniff window
+    good = 0
+    for line in lines:
+        if b"\x00" in line:
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        good += len(line) + 1
+    return good * 2 < sum(len(line) + 1 for line in lines)
 
 
 def _read_head(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from domainlm.errors import UserError
+
 # --------------------------------------------------------------------------------------------
 # Corpus section. Every field has a default; the comment after it is its documentation
 # (docs/corpus.md is written from the same words).
@@ -84,6 +86,14 @@ class SourceConfig:
     weight: float | None = None  # target share of training characters after mixing
     filters: dict[str, Any] | None = None  # overrides of corpus.filters for this source
     pii: dict[str, Any] | None = None  # overrides of corpus.pii for this source
+    # More pipeline blocks for this source only, after corpus.blocks (same entry form).
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    # A folder or glob that holds no shard is an error unless this is true (a folder that
+    # teams fill later, as the demo's corpus/shards).
+    allow_empty: bool = False
+
+    def __post_init__(self) -> None:
+        _check_blocks(self.blocks, "blocks")
 
 
 @dataclass
@@ -98,5 +108,29 @@ class CorpusConfig:
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
     val_fraction: float = 0.01  # share of documents (by hash) held out for validation
     docs_per_output_shard: int = 50_000  # rows per Parquet file written
+    # Where the per-shard work and the dedup partitions run: local (a process pool of
+    # `workers`) or ray (Ray tasks; `--ray-address` or RAY_ADDRESS names a cluster, else a
+    # local Ray instance is started). The outputs are the same bytes either way.
+    executor: Literal["local", "ray"] = "local"
+    # Filters of your own, run on every source after the quality and language rules: each
+    # entry is {use: "package.module:Class" or "path/file.py:Class", <its settings>: ...}.
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_record_bytes < 1:
+            raise UserError(
+                f"max_record_bytes: must be at least 1 byte, got {self.max_record_bytes} "
+                "(0 would quarantine every record); the default is 8388608 (8 MiB)"
+            )
+        _check_blocks(self.blocks, "blocks")
+
+
+def _check_blocks(blocks: list[dict[str, Any]], key: str) -> None:
+    for i, entry in enumerate(blocks):
+        if not isinstance(entry.get("use"), str) or ":" not in entry["use"]:
+            raise UserError(
+                f"{key}[{i}]: each block entry needs `use: package.module:ClassName` (or "
+                "path/to/file.py:ClassName), then the block's own settings"
+            )
 
 
