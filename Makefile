@@ -52,7 +52,9 @@ quantize: finetune
 eval: quantize
 	$(DLM) eval --recipe $(RECIPE)
 
+# The benchmarks' own dependencies (datatrove, the corpus baseline) are the `bench` extra.
 bench: $(STAMP)
+	$(BIN)/python -c 'import datatrove' 2>/dev/null || $(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 
 test: $(STAMP)
