@@ -34,7 +34,7 @@ from domainlm.corpus.shardwork import (
     process_shard,
 )
 from domainlm.errors import UserError
-from domainlm.files import HashCache, hash_bytes
+from domainlm.files import HashCache, hash_bytes, hash_file
 from domainlm.recipe import Recipe, merged, section_dict
 from domainlm.stage import Stage, run_stage
 
@@ -101,10 +101,12 @@ def plan_tasks(recipe: Recipe, hashes: HashCache) -> list[ShardTask]:
         entries = sorted([(f, None) for f in found.files] + list(found.refused),
                          key=lambda e: e[0])
         for f, problem in entries:
-            rel = f"{s.name}/{Path(os.path.relpath(f, found.root)).as_posix()}"
+            rel = f"{s.name}/{_printable(Path(os.path.relpath(f, found.root)).as_posix())}"
             if problem is None:
                 try:
-                    digest, size = hashes.get(f), f.stat().st_size
+                    # A name that is not UTF-8 cannot go into the JSON hash cache as it is.
+                    digest = hashes.get(f) if _printable(str(f)) == str(f) else hash_file(f)
+                    size = f.stat().st_size
                 except OSError as e:
                     problem = f"cannot be read ({e.strerror}); check its permissions"
             if problem is not None:
@@ -115,11 +117,18 @@ def plan_tasks(recipe: Recipe, hashes: HashCache) -> list[ShardTask]:
     return tasks
 
 
+def _printable(name: str) -> str:
+    """A file name as text UTF-8 can hold: bytes that are not UTF-8 written as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _stage(recipe: Recipe, tasks: list[ShardTask]) -> Stage:
     """The corpus stage for the runner: every shard (and eval set) by content, and the settings."""
     c = recipe.corpus
     inputs: dict[str, Path | str] = {
-        t.rel: (Path(t.path) if t.kind == "file" else t.content_hash) for t in tasks
+        t.rel: (Path(t.path) if t.kind == "file" and _printable(t.path) == t.path
+                else t.content_hash)
+        for t in tasks
     }
     inputs |= {f"decontaminate/{i}": Path(f) for i, f in enumerate(c.decontaminate.files)}
     # Every setting but where the work runs, which changes the speed, never the bytes.

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from domainlm.corpus.jsonlines import SNIFF_BYTES, ShardError, is_binary
+from domainlm.corpus.jsonlines import SNIFF_BYTES, ShardError
 from domainlm.corpus.readers import SUPPORTED_SUFFIXES, shard_format, unsupported
 
 
@@ -165,10 +165,12 @@ def count_records(path: Path) -> int | None:
             raw = open(path, "rb")
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
             return _count_text(reader, "utf-8", closing=raw)
-        if b"\x00" in head and not is_binary(head):
-            odd = head[1::2]
-            return _count_text(open(path, "rb"), "utf-16-le" if odd.count(0) > len(odd) // 3
-                               else "utf-16-be")
+        if b"\x00" in head:  # UTF-16 without a byte order mark, as the readers tell it
+            even, odd = head[0::2], head[1::2]
+            if odd and odd.count(0) > len(odd) // 3:
+                return _count_text(open(path, "rb"), "utf-16-le")
+            if even and even.count(0) > len(even) // 3:
+                return _count_text(open(path, "rb"), "utf-16-be")
     except Exception:  # noqa: BLE001 - a damaged file: its records cannot be counted
         return None
     return None
