@@ -142,7 +142,7 @@ def test_files_refused_whole_count_the_records_they_hold(tmp_path, make_recipe):
 def _tiny_shard(path: Path, n: int) -> None:
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
         for i in range(n):
-            f.write('{"text": "w%d"}\n' % (i % 97))
+            f.write(f'{{"text": "w{i % 97}"}}\n')
 
 
 def _settings(recipe) -> dict:
