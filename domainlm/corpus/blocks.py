@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from domainlm.corpus.decontaminate import Decontaminator
-from domainlm.corpus.dedup import MinHasher, exact_key, shingle_set
+from domainlm.corpus.dedup import MinHasher, exact_key, shingle_hashes
 from domainlm.corpus.filters import GROUPS, QualityFilter, TextView
 from domainlm.corpus.normalize import normalize
 from domainlm.corpus.pii import redact
@@ -148,7 +148,7 @@ class MinHashSignature(Block):
         self.hasher = MinHasher(num_perm, seed)
 
     def process(self, docs, stats):
-        sets = [shingle_set(doc.text, self.shingle) for doc in docs]
+        sets = shingle_hashes([doc.text for doc in docs], self.shingle)
         sigs = self.hasher.sign(sets)
         for doc, s, sig in zip(docs, sets, sigs, strict=True):
             doc.shingles, doc.sig = s, sig

@@ -85,8 +85,37 @@ def shingle_set(text: str, k: int) -> np.ndarray:
     return np.unique((acc >> np.uint64(32)).astype(np.uint32))
 
 
+def shingle_hashes(texts: list[str], k: int) -> list[np.ndarray]:
+    """The shingle hashes of every text (as `shingle_set`, but in text order and with
+    repeats: the MinHash minimum does not need them sorted), for a whole batch at once."""
+    per_doc = [_WORD.findall(t.lower()) for t in texts]
+    lengths = [len(ws) for ws in per_doc]
+    out: list[np.ndarray] = []
+    words_all = [w for ws, n in zip(per_doc, lengths, strict=True) if n > k for w in ws]
+    h = np.fromiter(map(zlib.crc32, map(str.encode, words_all)), dtype=np.uint64,
+                    count=len(words_all))
+    n_win = max(0, len(h) - k + 1)
+    with np.errstate(over="ignore"):
+        acc = h[:n_win].copy()
+        for j in range(1, k):
+            acc *= _GOLDEN
+            acc += h[j : j + n_win]
+        values = (_fmix64(acc + np.uint64(k)) >> np.uint64(32)).astype(np.uint32)
+    start = 0
+    for text, n in zip(texts, lengths, strict=True):
+        if n <= k:  # one shingle of all the words (or none)
+            out.append(shingle_set(text, k))
+            continue
+        # Windows from `start` that stay inside this document; the ones that run into the
+        # next document are skipped.
+        out.append(values[start : start + n - k + 1])
+        start += n
+    return out
+
+
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Jaccard similarity of two sorted, distinct hash sets."""
+    """Jaccard similarity of the sets of two arrays of shingle hashes."""
+    a, b = np.unique(a), np.unique(b)
     inter = np.intersect1d(a, b, assume_unique=True).size
     return inter / (a.size + b.size - inter)
 
@@ -135,7 +164,7 @@ class MinHasher:
 
 def signatures(texts: list[str], shingle: int, num_perm: int, seed: int) -> np.ndarray:
     """MinHash signatures of the texts' shingle sets, one row per text, shape (n, num_perm)."""
-    return MinHasher(num_perm, seed).sign([shingle_set(t, shingle) for t in texts])
+    return MinHasher(num_perm, seed).sign(shingle_hashes(texts, shingle))
 
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:

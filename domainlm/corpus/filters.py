@@ -278,7 +278,10 @@ class QualityFilter:
                 continue
             # Among equally frequent n-grams the longest: the answer must not depend on which
             # of them happens to come first.
-            chars, gram = max((sum(map(len, g)), g) for g, c in counts.items() if c == count)
+            # compress() picks them in C: a generator over every n-gram was a third of the
+            # time of the repetition rules.
+            top = compress(counts, map(count.__eq__, counts.values()))
+            chars, gram = max((sum(map(len, g)), g) for g in top)
             frac = chars * count / total
             if frac > limit:
                 shown = " ".join(gram)
