@@ -155,7 +155,7 @@ def _tiny_shard(path: Path, n: int) -> None:
 
 def run(quick: bool = False) -> str:
     runs = 1 if quick else 3
-    base_mb = 4 if quick else 12
+    base_mb = 3 if quick else 6
     started = time.time()
     WORK.mkdir(parents=True, exist_ok=True)
     shards = WORK / "generated"
