@@ -215,8 +215,9 @@ def load_block_class(spec: str) -> type[Block]:
     try:
         if where.endswith(".py"):
             path = Path(where).resolve()
-            mod_name = "domainlm_block_" + hashlib.blake2b(str(path).encode(), digest_size=8)\
-                .hexdigest()
+            # Named by path and content: an edited file is loaded again, not the old module.
+            key = str(path).encode() + (path.read_bytes() if path.is_file() else b"")
+            mod_name = "domainlm_block_" + hashlib.blake2b(key, digest_size=8).hexdigest()
             module = sys.modules.get(mod_name)
             if module is None:
                 loader_spec = importlib.util.spec_from_file_location(mod_name, path)
