@@ -16,11 +16,13 @@ EXECUTORS = ("local", "ray")
 # The records counter of the local pool's workers (set in each worker by the initializer),
 # so that progress shows inside a large shard, not only when it ends.
 _COUNTER: Any = None
+# When the work runs in this process, the progress bar's refresh, called as records are read.
+_TICK: Callable[[], None] | None = None
 
 
-def _init_worker(counter: Any) -> None:
-    global _COUNTER
-    _COUNTER = counter
+def _init_worker(counter: Any, tick: Callable[[], None] | None = None) -> None:
+    global _COUNTER, _TICK
+    _COUNTER, _TICK = counter, tick
 
 
 def count_progress(n: int) -> None:
@@ -28,6 +30,8 @@ def count_progress(n: int) -> None:
     if _COUNTER is not None:
         with _COUNTER.get_lock():
             _COUNTER.value += n
+    if _TICK is not None:
+        _TICK()
 
 
 def _indexed(fn: Callable[[Any], Any], i: int, item: Any) -> tuple[int, Any]:
@@ -48,7 +52,7 @@ class LocalExecutor:
         """(index, fn(item)) for every item, in the order they finish; `tick` is called at
         least every half second while work is running (for progress bars)."""
         if self.workers <= 1 or len(items) <= 1:
-            _init_worker(self.counter)
+            _init_worker(self.counter, tick)
             try:
                 for i, item in enumerate(items):
                     yield i, fn(item)
