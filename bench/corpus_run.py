@@ -5,8 +5,10 @@ memory are its own: `python -m bench.corpus_run ours|datatrove|shard ...` prints
   datatrove SHARDS WORK WORKERS   datatrove's equivalent pipeline (bench/corpus_datatrove.py)
   shard FILE WORK                 the per-shard work alone on one shard (one worker's memory)
 
-Peak memory is ru_maxrss: of this process (the driver, and the worker when there is one), and
-the largest of its children (the pool's workers).
+Peak memory is sampled every 20 ms (resident set size, by psutil): of this process (the
+driver, and the worker when there is one) and of the largest of its child processes (the
+pool's workers). ru_maxrss cannot be used: Linux carries it over from the process that
+started this one.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 
@@ -76,8 +80,29 @@ def _cpu() -> float:
     return self.ru_utime + self.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+class _PeakMemory(threading.Thread):
+    """Peak RSS of this process and of its largest descendant, sampled."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.me = psutil.Process()
+        self.self_peak = self.child_peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            try:
+                self.self_peak = max(self.self_peak, self.me.memory_info().rss)
+                for c in self.me.children(recursive=True):
+                    self.child_peak = max(self.child_peak, c.memory_info().rss)
+            except psutil.Error:
+                pass
+
+
 def main(argv: list[str]) -> None:
     kind = argv[0]
+    peak = _PeakMemory()
+    peak.start()
     t0 = _cpu()
     if kind == "shard":
         out = shard(Path(argv[1]), Path(argv[2]))
@@ -85,9 +110,10 @@ def main(argv: list[str]) -> None:
         fn = ours if kind == "ours" else datatrove
         out = fn(Path(argv[1]), Path(argv[2]), int(argv[3]))
     out["cpu"] = _cpu() - t0  # this process and the workers it waited for, not the imports
-    kb = 1024
-    out["maxrss_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb
-    out["maxrss_children"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb
+    peak.done.set()
+    peak.join()
+    out["maxrss_self"] = peak.self_peak
+    out["maxrss_children"] = peak.child_peak
     print("BENCH-RESULT " + json.dumps(out))
 
 

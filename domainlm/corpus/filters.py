@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import unicodedata
 from collections import Counter
@@ -186,9 +187,12 @@ class QualityFilter:
         n_words = len(words)
         limit = cfg.min_alpha_words
         if limit is not None:
-            # isalpha() answers most words in C; the regex only sees words with punctuation.
+            # isalpha() answers most words in C; the regex only sees the other words.
             search = _LETTER.search
-            with_letter = sum(1 for w in words if w.isalpha() or search(w))
+            alpha = list(map(str.isalpha, words))
+            with_letter = sum(alpha) + sum(
+                1 for w in compress(words, map(operator.not_, alpha)) if search(w)
+            )
             frac = with_letter / n_words if n_words else 0.0
             if frac < limit:
                 detail = f"{_fmt(frac, limit)} of words have a letter < {limit:g}"
