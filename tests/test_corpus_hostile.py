@@ -199,6 +199,11 @@ def test_links_out_of_the_folder_are_refused_and_reported(tmp_path, make_recipe)
     assert "SECRET" not in (recipe.layout.corpus / "rejected" / "quarantine.jsonl").read_text()
     with pytest.raises(UserError, match="link.jsonl"):
         build_corpus(make_recipe(_data(folder), name="strict"), progress=False)
+    # `corpus validate` refuses the same entries, so a team sees them before contributing.
+    res = CliRunner().invoke(cli, ["corpus", "validate", str(folder)])
+    assert res.exit_code == 1
+    refused = {ln.split(": ")[0] for ln in res.output.splitlines() if ": refused: " in ln}
+    assert refused == {f"{folder / n}:0" for n in ("link.jsonl", "linked-dir", "broken.jsonl")}
 
 
 def _as_nobody(fn) -> dict:

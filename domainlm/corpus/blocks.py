@@ -190,7 +190,8 @@ def build_blocks(settings: dict[str, Any]) -> list[Block]:
     """The blocks of one shard, in order, from its settings (see pipeline._settings)."""
     rules = QualityFilter(QualityFilters(**settings["filters"]))
     blocks: list[Block] = [Normalize()]
-    blocks += [QualityRules(rules, g) for g in GROUPS if g != "language" or rules.languages]
+    blocks += [QualityRules(rules, g) for g in GROUPS
+               if g != "language" or rules.languages is not None]
     for entry in settings.get("blocks", []):
         blocks.append(custom_block(entry))
     blocks += [RedactPII(PIIConfig(**settings["pii"])), ExactKey()]

@@ -185,7 +185,7 @@ def process_shard(
                         t = clock()
                         batch, rejected = block.process(batch, stats)
                         secs[block.name] += clock() - t
-                        rejections += ((seq[r.origin], r) for r in rejected)
+                        rejections += ((seq.get(r.origin, n_read), r) for r in rejected)
                     rejections.sort(key=lambda sr: sr[0])
                     counts.update(r.reason for _, r in rejections)
                     out.reject([r for _, r in rejections])
