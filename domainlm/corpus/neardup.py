@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm.corpus.dedup import jaccard
-
 # Band entries per partition: 16 bytes each (hash and document number), plus the sort.
 PARTITION_DOCS = 4_000_000
 # A bucket of more documents than this (boilerplate shared by thousands) pairs each member
@@ -45,6 +43,9 @@ class Partition:
     parts: int
     threshold: float
     shards: tuple[ShardDedupFiles, ...]
+    # A file of one byte per document, 0 for exact duplicates (they take no part: a cluster
+    # of copies would otherwise be verified pair by pair in every band); None: all take part.
+    alive: str | None = None
 
 
 def band_file(folder: Path, band: int) -> Path:
@@ -52,7 +53,8 @@ def band_file(folder: Path, band: int) -> Path:
 
 
 def partitions(
-    shards: list[ShardDedupFiles], bands: int, threshold: float, parts: int | None = None
+    shards: list[ShardDedupFiles], bands: int, threshold: float, parts: int | None = None,
+    alive: str | None = None,
 ) -> list[Partition]:
     """Every partition task of a corpus: `bands` x the slices that keep each one small.
 
@@ -62,19 +64,33 @@ def partitions(
     total = sum(s.count for s in shards)
     parts = parts or max(1, math.ceil(total / PARTITION_DOCS))
     return [
-        Partition(b, p, parts, threshold, tuple(shards)) for b in range(bands) for p in range(parts)
+        Partition(b, p, parts, threshold, tuple(shards), alive)
+        for b in range(bands) for p in range(parts)
     ]
 
 
 class SetStore:
-    """Shingle sets of documents by global number, memory-mapped from the shard caches."""
+    """Shingle sets of documents by global number, memory-mapped from the shard caches; the
+    sets of recent candidates are kept (a document is paired in every bucket it shares)."""
+
+    CACHED = 20_000
 
     def __init__(self, shards: tuple[ShardDedupFiles, ...]):
         self.shards = shards
         self.firsts = np.array([s.first for s in shards], dtype=np.int64)
         self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._sets: dict[int, np.ndarray] = {}
 
     def get(self, doc: int) -> np.ndarray:
+        """The document's shingle hashes, sorted and distinct."""
+        s = self._sets.get(doc)
+        if s is None:
+            if len(self._sets) >= self.CACHED:
+                self._sets.clear()
+            s = self._sets[doc] = np.unique(self._raw(doc))
+        return s
+
+    def _raw(self, doc: int) -> np.ndarray:
         k = int(np.searchsorted(self.firsts, doc, side="right")) - 1
         if k not in self._open:
             folder = Path(self.shards[k].folder)
@@ -90,18 +106,19 @@ class SetStore:
 def run_partition(task: Partition) -> np.ndarray:
     """The verified pairs of one partition: rows (earlier, later, Jaccard x 1e6), int64."""
     hashes, docs = [], []
+    alive = np.memmap(task.alive, dtype=np.uint8, mode="r") if task.alive else None
     for s in task.shards:
         if s.count == 0:
             continue
         h = np.fromfile(band_file(Path(s.folder), task.band), dtype=np.uint64)
+        mask = np.ones(s.count, dtype=bool)
         if task.parts > 1:
-            keep = np.flatnonzero((h % np.uint64(task.parts)) == np.uint64(task.part))
-            h = h[keep]
-            d = keep.astype(np.int64) + s.first
-        else:
-            d = np.arange(s.first, s.first + s.count, dtype=np.int64)
-        hashes.append(h)
-        docs.append(d)
+            mask &= (h % np.uint64(task.parts)) == np.uint64(task.part)
+        if alive is not None:
+            mask &= np.asarray(alive[s.first : s.first + s.count], dtype=bool)
+        keep = np.flatnonzero(mask)
+        hashes.append(h[keep])
+        docs.append(keep.astype(np.int64) + s.first)
     if not hashes:
         return np.empty((0, 3), dtype=np.int64)
     h = np.concatenate(hashes)
@@ -120,7 +137,9 @@ def run_partition(task: Partition) -> np.ndarray:
         for j in range(1, len(members)):
             for i in range(min(j, BUCKET_PAIRS)):
                 a, b = members[i], members[j]
-                sim = jaccard(store.get(a), store.get(b))
+                sa, sb = store.get(a), store.get(b)
+                inter = np.intersect1d(sa, sb, assume_unique=True).size
+                sim = inter / (sa.size + sb.size - inter)
                 if sim >= task.threshold:
                     found.append((a, b, round(sim * 1e6)))
     if not found:

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 import numpy as np
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from domainlm.corpus import python_docs
@@ -208,8 +209,23 @@ def _near_pairs(recipe: Recipe, tasks: list[ShardTask], cache_root: Path, bad: s
         n = cached_stats(cache_root, t.key)["passed"]
         shards.append(ShardDedupFiles(str(cache_root / t.key), first, n))
         first += n
+    alive = None
+    if d.exact:
+        # Exact duplicates take no part (one byte per document, memory-mapped by the tasks):
+        # the first of each exact key in canonical order, as the corpus-wide pass decides.
+        seen: set[str] = set()
+        flags = np.zeros(first, dtype=np.uint8)
+        for s in shards:
+            keys = pq.read_table(Path(s.folder) / "docs.parquet", columns=["key"])["key"]
+            for i, k in enumerate(keys.to_pylist()):
+                if k not in seen:
+                    seen.add(k)
+                    flags[s.first + i] = 1
+        alive = str(cache_root.parent / "alive.u8")
+        flags.tofile(alive)
+        del seen, flags
     bands, _ = lsh_bands(d.threshold, d.num_perm)
-    parts = partitions(shards, bands, d.threshold)
+    parts = partitions(shards, bands, d.threshold, alive=alive)
     found = [pairs for _, pairs in ex.map(run_partition, parts) if pairs.size]
     return np.concatenate(found) if found else np.empty((0, 3), dtype=np.int64)
 
