@@ -245,7 +245,8 @@ def _render(v: dict) -> str:
         f"run is a fresh process; medians of {runs} interleaved round(s). Load average at the "
         f"end: {os.getloadavg()[0]:.1f}: above the core count, other jobs shared the cores, so "
         "wall-clock figures are pessimistic; MB per CPU-second counts only the run's own "
-        "processes and is the per-core figure that load does not change much.\n",
+        "processes, which load changes less (shared cores still slow every instruction "
+        "down, so it is pessimistic too).\n",
         f"### Whole pipeline against datatrove ({mb:.0f} MB, {gen['shards']} JSONL shards)\n",
         "The same generated web-like shards through both. domainlm: `make corpus`'s pipeline "
         "(normalize, Gopher/C4 quality and repetition rules, language id with the default "
