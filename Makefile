@@ -56,7 +56,10 @@ quantize: align
 eval: quantize
 	$(DLM) eval --recipe $(RECIPE)
 
+# The benchmarks' own dependencies (datatrove, the corpus baseline) are the `bench` extra.
 bench: $(STAMP)
+	$(BIN)/python -c 'import datatrove, spacy, orjson' 2>/dev/null || \
+		$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 
 test: $(STAMP)

@@ -1,4 +1,5 @@
-"""Tests of exact keys, shingles, MinHash signatures and near-duplicate finding on a planted set."""
+"""Tests of exact keys, shingle sets, MinHash signatures, LSH bands and the partitioned
+near-duplicate search on a planted set."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import numpy as np
 import pytest
 
 from domainlm.corpus.dedup import (
-    NearDup,
-    duplicate_clusters,
+    candidate_probability,
     exact_key,
-    find_near_duplicates,
+    jaccard,
+    lsh_bands,
+    shingle_set,
     shingles,
     signatures,
 )
-from domainlm.corpus.planted import MARGIN, dedup_scores, jaccard, planted_set
+from domainlm.corpus.neardup import dedup_texts, resolve
+from domainlm.corpus.planted import MARGIN, dedup_scores, planted_set
+from domainlm.corpus.planted import jaccard as true_jaccard
 
 THRESHOLD = 0.8
 NUM_PERM = 128
@@ -37,10 +41,10 @@ def test_shingles():
     assert shingles("Grüße aus Köln", 3) == ["grüße aus köln".encode()]
 
 
-def _planted_scores(seed: int) -> tuple[float, float, int, int]:
+def _planted_scores(seed: int, tmp_path, **kw) -> tuple[float, float, float, int, int]:
     texts, true, planted = planted_set(300, seed, THRESHOLD)
     sets = [set(shingles(t, 5)) for t in texts]
-    truth = {pair: jaccard(sets[pair[0]], sets[pair[1]]) for pair in planted}
+    truth = {pair: true_jaccard(sets[pair[0]], sets[pair[1]]) for pair in planted}
 
     # The generator's promises: the planted pairs are where intended, none is ambiguous.
     assert all(abs(j - THRESHOLD) >= MARGIN - 1e-9 for j in truth.values())
@@ -56,24 +60,51 @@ def _planted_scores(seed: int) -> tuple[float, float, int, int]:
     assert min(per_window.values()) >= 10, per_window
     assert len(true) > 100 and len(planted) - len(true) > 100
 
-    keys = [f"doc{i}" for i in range(len(texts))]
-    sigs = signatures(texts, 5, NUM_PERM, seed=7)
-    dups = find_near_duplicates(keys, sigs, THRESHOLD, NUM_PERM)
-    index = {k: i for i, k in enumerate(keys)}
-    predicted = [(index[d.duplicate_of], index[d.key]) for d in dups]
+    dups = dedup_texts(texts, tmp_path, THRESHOLD, num_perm=NUM_PERM, seed=7, **kw)
+    predicted = [(d.duplicate_of, d.doc) for d in dups]
     assert all(i < j for i, j in predicted)
     precision, recall = dedup_scores(texts, predicted, true, THRESHOLD)
-    return precision, recall, len(predicted), len(true)
+    clear = {p for p in true if truth[p] >= THRESHOLD + 0.05}
+    _, recall_clear = dedup_scores(texts, predicted, clear, THRESHOLD)
+    return precision, recall, recall_clear, len(predicted), len(true)
 
 
-def test_planted_set_precision_and_recall():
-    precision, recall, n_pred, n_true = _planted_scores(seed=0)
-    print(
-        f"planted set: precision {precision:.3f} recall {recall:.3f} "
-        f"({n_pred} predicted pairs, {n_true} true pairs)"
-    )
-    assert precision >= 0.95
-    assert recall >= 0.95
+@pytest.mark.parametrize("seed", [0, 1])
+def test_planted_set_precision_and_recall(seed, tmp_path):
+    precision, recall, recall_clear, n_pred, n_true = _planted_scores(seed, tmp_path)
+    print(f"planted set: precision {precision:.3f} recall {recall:.3f} "
+          f"({n_pred} predicted pairs, {n_true} true pairs)")
+    # Candidates are verified with the exact Jaccard: no pair below the threshold is taken.
+    assert precision == 1.0
+    assert recall_clear >= 0.98  # the issue's target, on pairs at J >= threshold + 0.05
+    assert recall >= 0.97
+
+
+def test_the_result_does_not_depend_on_partitions_or_shards(tmp_path):
+    texts, _, _ = planted_set(120, 3, THRESHOLD)
+    one = dedup_texts(texts, tmp_path / "a", THRESHOLD)
+    many = dedup_texts(texts, tmp_path / "b", THRESHOLD, shards=4, parts=5)
+    assert one == many and len(one) > 20
+
+
+def test_bands_favour_recall():
+    bands, rows = lsh_bands(THRESHOLD, NUM_PERM)
+    assert bands * rows <= NUM_PERM
+    assert candidate_probability(THRESHOLD, bands, rows) >= 0.995
+    assert candidate_probability(THRESHOLD + 0.05, bands, rows) >= 0.9999
+    assert candidate_probability(0.85, 11, 11) < 0.87  # the former 11 x 11: 0.867 (issue 15)
+
+
+def test_shingle_set_is_the_reference_set_hashed():
+    texts = ["The cat sat on the mat, and the cat sat again on the mat.", "one two", "", "x " * 9]
+    for t in texts:
+        ref = shingles(t, 5)
+        ours = shingle_set(t, 5)
+        assert ours.dtype == np.uint32 and np.all(np.diff(ours.astype(np.int64)) > 0)
+        assert ours.size == len(set(ref))
+    a, b = "w " * 3 + " ".join(f"w{i}" for i in range(100)), " ".join(f"w{i}" for i in range(100))
+    ref = true_jaccard(set(shingles(a, 5)), set(shingles(b, 5)))
+    assert jaccard(shingle_set(a, 5), shingle_set(b, 5)) == pytest.approx(ref)
 
 
 def test_signatures_shape_and_similarity():
@@ -81,7 +112,7 @@ def test_signatures_shape_and_similarity():
     near = base.replace("w100 ", "changed ")
     other = " ".join(f"x{i}" for i in range(200))
     sigs = signatures([base, near, other, ""], 5, 64, seed=1)
-    assert sigs.shape == (4, 64) and sigs.dtype == np.uint64
+    assert sigs.shape == (4, 64) and sigs.dtype == np.uint32
     assert (sigs[0] == sigs[1]).mean() > 0.8
     assert (sigs[0] == sigs[2]).mean() < 0.2
     assert not np.array_equal(sigs, signatures([base, near, other, ""], 5, 64, seed=2))
@@ -101,56 +132,32 @@ def test_signatures_are_the_same_in_another_process():
     assert np.array_equal(here, there)
 
 
-def test_first_in_order_is_kept():
+def test_first_in_order_is_kept(tmp_path):
     words = [f"w{i}" for i in range(300)]
     a = " ".join(words)
     b = " ".join(words[:150] + ["edit"] + words[151:])
     c = " ".join(f"z{i}" for i in range(300))
-    sigs = signatures([a, b, c], 5, NUM_PERM, seed=1)
-    dups = find_near_duplicates(["a", "b", "c"], sigs, THRESHOLD, NUM_PERM)
-    assert [(d.key, d.duplicate_of) for d in dups] == [("b", "a")]
-    assert 0.8 <= dups[0].similarity <= 1.0
-    swapped = find_near_duplicates(["b", "a", "c"], sigs[[1, 0, 2]], THRESHOLD, NUM_PERM)
-    assert [(d.key, d.duplicate_of) for d in swapped] == [("a", "b")]
+    dups = dedup_texts([a, b, c], tmp_path / "1", THRESHOLD)
+    assert [(d.doc, d.duplicate_of) for d in dups] == [(1, 0)]
+    assert dups[0].similarity == pytest.approx(true_jaccard(set(shingles(a, 5)),
+                                                            set(shingles(b, 5))), abs=1e-6)
+    swapped = dedup_texts([b, a, c], tmp_path / "2", THRESHOLD)
+    assert [(d.doc, d.duplicate_of) for d in swapped] == [(1, 0)]
 
 
-def test_duplicate_of_the_earliest_verified_document():
-    # Signatures made by hand: C matches kept A (0.90) and kept B (0.85), while A and B
-    # (0.75 apart) are both kept. The first 11 positions agree, so every pair shares an LSH
-    # band and is a candidate whatever the banding.
-    rng = np.random.default_rng(0)
-    c = rng.integers(0, 2**32 - 1, NUM_PERM, dtype=np.uint64)
-    a, b = c.copy(), c.copy()
-    a[11:24] += 1  # 13 of 128 differ from C
-    b[24:43] += 1  # 19 of 128
-    sigs = np.stack([b, a, c])
-    dups = find_near_duplicates(["B", "A", "C"], sigs, THRESHOLD, NUM_PERM)
-    assert [(d.key, d.duplicate_of) for d in dups] == [("C", "B")]
-    assert dups[0].similarity == pytest.approx(109 / 128)
-    dups = find_near_duplicates(["A", "B", "C"], sigs[[1, 0, 2]], THRESHOLD, NUM_PERM)
-    assert [(d.key, d.duplicate_of) for d in dups] == [("C", "A")]
-    assert dups[0].similarity == pytest.approx(115 / 128)
+def test_duplicate_of_the_earliest_kept_match():
+    # Verified pairs made by hand: C matches kept A and kept B, while A and B are both kept;
+    # D matches only C, which is dropped, so D is kept (a greedy pass never chains).
+    a, b, c, d = 0, 1, 2, 3
+    pairs = np.array([[a, c, 900_000], [b, c, 850_000], [c, d, 950_000]], dtype=np.int64)
+    found = resolve(pairs, np.ones(4, dtype=bool))
+    assert [(n.doc, n.duplicate_of, n.similarity) for n in found] == [(c, a, 0.9)]
+    # An exact duplicate (not alive) takes no part: C is then kept, and D is its duplicate.
+    found = resolve(pairs, np.array([True, True, True, True]) & (np.arange(4) > 1))
+    assert [(n.doc, n.duplicate_of) for n in found] == [(d, c)]
 
 
-def test_short_and_empty_documents():
+def test_short_and_empty_documents(tmp_path):
     texts = ["Hello world", "hello,  WORLD!", "hello there", "", "   "]
-    sigs = signatures(texts, 5, NUM_PERM, seed=1)
-    dups = find_near_duplicates([str(i) for i in range(5)], sigs, THRESHOLD, NUM_PERM)
-    assert [(d.key, d.duplicate_of) for d in dups] == [("1", "0"), ("4", "3")]
-
-
-def test_find_near_duplicates_checks_shape():
-    sigs = signatures(["a b c"], 5, 64, seed=1)
-    with pytest.raises(ValueError, match="shape"):
-        find_near_duplicates(["a", "b"], sigs, THRESHOLD, 64)
-
-
-def test_duplicate_clusters():
-    dups = [
-        NearDup("b", "a", 0.9),
-        NearDup("c", "a", 0.85),
-        NearDup("e", "d", 1.0),
-        NearDup("f", "b", 0.9),
-    ]
-    assert duplicate_clusters(dups) == {"a": ["b", "c", "f"], "d": ["e"]}
-    assert duplicate_clusters([]) == {}
+    dups = dedup_texts(texts, tmp_path, THRESHOLD)
+    assert [(d.doc, d.duplicate_of) for d in dups] == [(1, 0), (4, 3)]

@@ -14,8 +14,9 @@ import pytest
 import zstandard
 
 from domainlm.corpus import readers
-from domainlm.corpus.readers import ShardError, find_shards, read_shard, shard_format
+from domainlm.corpus.readers import ShardError, read_shard, shard_format
 from domainlm.corpus.records import MAX_REJECTED_TEXT, Doc, Rejected
+from domainlm.corpus.scan import find_shards
 from domainlm.errors import UserError
 
 LIMIT = 1 << 20

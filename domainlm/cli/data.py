@@ -21,8 +21,21 @@ def corpus() -> None:
 @recipe_option
 @click.option("--force", is_flag=True, help="Rebuild even if the inputs have not changed.")
 @click.option("--workers", type=int, default=None, help="Processes (default: the recipe's).")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where the per-shard work and dedup partitions run (default: corpus.executor).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="An existing Ray cluster (e.g. auto, ray://head:10001); default: start Ray here.",
+)
 @_friendly
-def corpus_build(recipe: Path, force: bool, workers: int | None) -> None:
+def corpus_build(
+    recipe: Path, force: bool, workers: int | None, executor: str | None, ray_address: str | None
+) -> None:
     """Read, clean, filter, redact, deduplicate, decontaminate, mix and split the corpus.
 
     Writes build/<run>/corpus/: train-*.parquet, val-*.parquet, rejected/ (every dropped
@@ -32,7 +45,10 @@ def corpus_build(recipe: Path, force: bool, workers: int | None) -> None:
     from domainlm.corpus.pipeline import build_corpus
     from domainlm.recipe import load_recipe
 
-    build_corpus(load_recipe(recipe), force=force, workers=workers)
+    build_corpus(
+        load_recipe(recipe), force=force, workers=workers, executor=executor,
+        ray_address=ray_address,
+    )
 
 
 @corpus.command("validate")

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from domainlm.corpus.dedup import find_near_duplicates
 from domainlm.corpus.mix import SourceMix, copies, is_val, mix_factors, shuffle_key
+from domainlm.corpus.neardup import resolve
 from domainlm.corpus.records import DECONTAM, DUPLICATE, FILTER, QUARANTINE, clip
 from domainlm.recipe import Recipe
 
@@ -47,7 +47,7 @@ def _add(counter: dict[str, int], key: str, n: int = 1) -> None:
 def assemble(
     recipe: Recipe,
     tables: list[pa.Table],
-    sigs: list[np.ndarray | None],
+    near_pairs: np.ndarray | None,
     shard_stats: list[dict[str, Any]],
 ) -> Assembled:
     """Apply the corpus-wide steps to the shards' survivors, given in canonical order.
@@ -104,20 +104,14 @@ def assemble(
                 clusters[kept].append(origins[i])
             else:
                 first[k] = i
-    if c.dedup.near:
-        idx = np.flatnonzero(alive)
-        all_sigs = np.concatenate([s for s in sigs if s is not None]) if idx.size else None
-        if idx.size:
-            pos = {origins[i]: i for i in idx}
-            found = find_near_duplicates(
-                [origins[i] for i in idx], all_sigs[idx], c.dedup.threshold, c.dedup.num_perm
-            )
-            for d in found:
-                i = pos[d.key]
-                detail = f"near-duplicate of {d.duplicate_of} (Jaccard ~{d.similarity:.2f})"
-                reject(i, f"{DUPLICATE}:near", detail, d.duplicate_of)
-                counts[src[i]]["duplicates"]["near"] += 1
-                clusters[d.duplicate_of].append(d.key)
+    if c.dedup.near and near_pairs is not None:
+        # Rows of `table` are the global document numbers the dedup partitions used.
+        for d in resolve(near_pairs, alive.copy()):
+            i, kept = d.doc, origins[d.duplicate_of]
+            detail = f"near-duplicate of {kept} (Jaccard {d.similarity:.2f})"
+            reject(i, f"{DUPLICATE}:near", detail, kept)
+            counts[src[i]]["duplicates"]["near"] += 1
+            clusters[kept].append(origins[i])
     for i in np.flatnonzero(alive):
         if contaminated[i] is not None:
             reject(i, f"{DECONTAM}:eval_overlap", contaminated[i])

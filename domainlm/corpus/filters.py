@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import unicodedata
 from collections import Counter
@@ -56,6 +57,41 @@ def _duplicates(items: list[str]) -> tuple[int, int, int, int]:
     return len(items), len(items) - len(counts), chars, dup_chars
 
 
+class TextView:
+    """A text and the splits the rules share (words, lines, normalized words), made once."""
+
+    __slots__ = ("text", "_words", "_lines", "_norm")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._words: list[str] | None = None
+        self._lines: list[str] | None = None
+        self._norm: list[str] | None = None
+
+    @property
+    def words(self) -> list[str]:
+        if self._words is None:
+            self._words = self.text.split()
+        return self._words
+
+    @property
+    def lines(self) -> list[str]:
+        if self._lines is None:
+            self._lines = [s for s in (ln.strip() for ln in self.text.split("\n")) if s]
+        return self._lines
+
+    @property
+    def norm(self) -> list[str]:
+        """Lowercased words without punctuation, for stop words and the n-gram rules."""
+        if self._norm is None:
+            self._norm = self.text.lower().translate(_PUNCTUATION).split()
+        return self._norm
+
+
+# The rule groups of QualityFilter, in order: each is a method and one pipeline block.
+GROUPS = ("length", "symbols", "words", "repetition", "language")
+
+
 class QualityFilter:
     """Applies the rules of one `QualityFilters` section; `check` names the first one broken."""
 
@@ -79,15 +115,25 @@ class QualityFilter:
         gives the measured value and the threshold.
         """
         self.last_language = None
-        cfg = self.cfg
+        view = TextView(text)
+        for group in GROUPS:
+            verdict = getattr(self, group)(view)
+            if verdict is not None:
+                return verdict
+        return None
 
-        n_chars = len(text)
+    # The rule groups, in the order `check` applies them; each is one pipeline block
+    # (corpus/blocks.py), and within a group the rules run in the QualityFilters field order.
+
+    def length(self, v: TextView) -> tuple[str, str] | None:
+        cfg = self.cfg
+        n_chars = len(v.text)
         if cfg.min_chars is not None and n_chars < cfg.min_chars:
             return "min_chars", f"{n_chars} characters < {cfg.min_chars}"
         if cfg.max_chars is not None and n_chars > cfg.max_chars:
             return "max_chars", f"{n_chars} characters > {cfg.max_chars}"
 
-        words = text.split()
+        words = v.words
         n_words = len(words)
         if cfg.min_words is not None and n_words < cfg.min_words:
             return "min_words", f"{n_words} words < {cfg.min_words}"
@@ -101,7 +147,12 @@ class QualityFilter:
                 return "min_mean_word_length", f"mean word length {_fmt(mean, lo)} < {lo:g}"
             if hi is not None and mean > hi:
                 return "max_mean_word_length", f"mean word length {_fmt(mean, hi)} > {hi:g}"
+        return None
 
+    def symbols(self, v: TextView) -> tuple[str, str] | None:
+        cfg = self.cfg
+        text = v.text
+        n_words = len(v.words)
         limit = cfg.max_symbol_word_ratio
         if limit is not None:
             symbols = text.count("#") + text.count("...") + text.count("…")
@@ -113,9 +164,8 @@ class QualityFilter:
                     f" in {n_words} words) > {limit:g}",
                 )
 
-        lines: list[str] | None = None
         if cfg.max_bullet_lines is not None or cfg.max_ellipsis_lines is not None:
-            lines = self._lines(text)
+            lines = v.lines
             n_lines = len(lines) or 1
             limit = cfg.max_bullet_lines
             if limit is not None:
@@ -129,60 +179,64 @@ class QualityFilter:
                 if frac > limit:
                     detail = f"{_fmt(frac, limit)} of lines end with an ellipsis > {limit:g}"
                     return "max_ellipsis_lines", detail
+        return None
 
+    def words(self, v: TextView) -> tuple[str, str] | None:
+        cfg = self.cfg
+        words = v.words
+        n_words = len(words)
         limit = cfg.min_alpha_words
         if limit is not None:
-            # isalpha() answers most words in C; the regex only sees words with punctuation.
+            # isalpha() answers most words in C; the regex only sees the other words.
             search = _LETTER.search
-            with_letter = sum(1 for w in words if w.isalpha() or search(w))
+            alpha = list(map(str.isalpha, words))
+            with_letter = sum(alpha) + sum(
+                1 for w in compress(words, map(operator.not_, alpha)) if search(w)
+            )
             frac = with_letter / n_words if n_words else 0.0
             if frac < limit:
                 detail = f"{_fmt(frac, limit)} of words have a letter < {limit:g}"
                 return "min_alpha_words", detail
 
-        # Lowercased words without punctuation, for stop words and the n-gram rules.
-        norm: list[str] | None = None
         need = cfg.min_stop_words
         if need is not None:
-            norm = text.lower().translate(_PUNCTUATION).split()
             found = 0
-            for w in norm:
+            for w in v.norm:
                 if w in STOP_WORDS:
                     found += 1
                     if found >= need:
                         break
             if found < need:
                 return "min_stop_words", f"{found} stop words < {need}"
-
-        verdict = self._repetition(text, lines, norm)
-        if verdict is not None:
-            return verdict
-
-        if self.languages is not None:
-            lang, score = detect_language(text, cfg.language_prefix_chars, self.language_id)
-            self.last_language = lang
-            if lang not in self._language_set:
-                return "language", f"language {lang!r} ({score:.2f}) not in {self.languages}"
-            limit = self.min_language_score
-            if score < limit:
-                return "language", f"language score {_fmt(score, limit)} < {limit:g}"
         return None
 
-    @staticmethod
-    def _lines(text: str) -> list[str]:
-        return [s for s in (line.strip() for line in text.split("\n")) if s]
+    def repetition(self, v: TextView) -> tuple[str, str] | None:
+        return self._repetition(v)
 
-    def _repetition(
-        self, text: str, lines: list[str] | None, norm: list[str] | None
-    ) -> tuple[str, str] | None:
+    def language(self, v: TextView) -> tuple[str, str] | None:
+        self.last_language = None
+        if self.languages is None:
+            return None
         cfg = self.cfg
+        lang, score = detect_language(v.text, cfg.language_prefix_chars, self.language_id)
+        self.last_language = lang
+        if lang not in self._language_set:
+            return "language", f"language {lang!r} ({score:.2f}) not in {self.languages}"
+        limit = self.min_language_score
+        if score < limit:
+            return "language", f"language score {_fmt(score, limit)} < {limit:g}"
+        return None
+
+    def _repetition(self, v: TextView) -> tuple[str, str] | None:
+        cfg = self.cfg
+        text = v.text
         # In the order of the QualityFilters fields: by count (lines, paragraphs), then by
         # characters (lines, paragraphs).
         line_rules = (cfg.max_dup_line_fraction, cfg.max_dup_line_char_fraction)
         para_rules = (cfg.max_dup_para_fraction, cfg.max_dup_para_char_fraction)
         found: dict[str, tuple[int, int, int, int]] = {}
         if line_rules != (None, None):
-            found["line"] = _duplicates(self._lines(text) if lines is None else lines)
+            found["line"] = _duplicates(v.lines)
         if para_rules != (None, None):
             paragraphs = [s for s in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if s]
             found["para"] = _duplicates(paragraphs)
@@ -211,8 +265,7 @@ class QualityFilter:
 
         if not self.top_ngrams and not self.dup_ngrams:
             return None
-        if norm is None:
-            norm = text.lower().translate(_PUNCTUATION).split()
+        norm = v.norm
         lengths = list(map(len, norm))
         total = sum(lengths)
         if total == 0:
@@ -229,7 +282,10 @@ class QualityFilter:
                 continue
             # Among equally frequent n-grams the longest: the answer must not depend on which
             # of them happens to come first.
-            chars, gram = max((sum(map(len, g)), g) for g, c in counts.items() if c == count)
+            # compress() picks them in C: a generator over every n-gram was a third of the
+            # time of the repetition rules.
+            top = compress(counts, map(count.__eq__, counts.values()))
+            chars, gram = max((sum(map(len, g)), g) for g in top)
             frac = chars * count / total
             if frac > limit:
                 shown = " ".join(gram)

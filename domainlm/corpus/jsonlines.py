@@ -13,16 +13,13 @@ from typing import Any, BinaryIO
 import zstandard
 
 from domainlm.corpus.records import MAX_REJECTED_TEXT, QUARANTINE, Rejected, clip
+from domainlm.corpus.streams import Prefixed, ZstdFrames
 from domainlm.errors import UserError
 
 SNIFF_BYTES = 8 * 1024  # binary / UTF-16 detection looks at this much of the (decoded) start
 UTF8_BOM = b"\xef\xbb\xbf"
 _BUFFER_BYTES = 1 << 20  # read buffer of the line reader
 _SKIP_CHUNK = 1 << 20  # an over-long line is skipped this much at a time
-# zstd input is fed this much at a time: 256 bytes can expand to at most ~8 MiB (RLE blocks),
-# which bounds memory on a pathological line; smaller feeds cost nothing measurable.
-_ZSTD_INPUT_BYTES = 256
-
 # Reading errors of a stream after its first bytes: a cut or damaged file, not a bad record.
 _STREAM_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
@@ -84,7 +81,7 @@ def json_objects(
         if fmt == "jsonl.gz":
             stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
         elif fmt == "jsonl.zst":
-            stream = _ZstdFrames(io.BufferedReader(raw, 1 << 16))
+            stream = ZstdFrames(io.BufferedReader(raw, 1 << 16))
         else:
             stream = raw
     except BaseException:
@@ -96,7 +93,7 @@ def json_objects(
         sniff(head, rel)
         if head.startswith(UTF8_BOM):
             head = head[len(UTF8_BOM) :]
-        lines = io.BufferedReader(_Prefixed(head, read, error), _BUFFER_BYTES)
+        lines = io.BufferedReader(Prefixed(head, read, error), _BUFFER_BYTES)
         yield from _objects(lines, rel, limit, source, not_object or _not_object, name_byte)
 
 
@@ -288,15 +285,38 @@ def sniff(head: bytes, rel: str) -> None:
             enc = "UTF-16LE"
         elif even and even.count(0) > len(even) // 3:
             enc = "UTF-16BE"
-        else:
+        elif is_binary(head):
             raise ShardError(
                 rel,
-                "is a binary file (NUL bytes in its first 8 KiB), not UTF-8 text; "
-                "export the data as UTF-8 JSONL, Parquet or plain text",
+                "is a binary file (NUL bytes, and no line of UTF-8 text in its first 8 KiB), "
+                "not UTF-8 text; export the data as UTF-8 JSONL, Parquet or plain text",
             )
+        else:
+            return  # a stray NUL byte: only the line that holds it is quarantined
         raise ShardError(
             rel, f"looks like {enc} text; convert it with `iconv -f {enc} -t UTF-8 in > out`"
         )
+
+
+def is_binary(head: bytes) -> bool:
+    """Whether most of `head` is outside lines of UTF-8 text without NUL bytes.
+
+    One NUL byte in a JSONL file is one bad line, not a binary file: the file is refused as a
+    whole only when less than half of its first bytes are good text lines.
+    """
+    lines = head.split(b"\n")
+    if len(head) >= SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last line is cut off by the sniff window
+    good = 0
+    for line in lines:
+        if b"\x00" in line:
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        good += len(line) + 1
+    return good * 2 < sum(len(line) + 1 for line in lines)
 
 
 def _read_head(
@@ -317,94 +337,3 @@ def _read_head(
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts), None
-
-
-# --------------------------------------------------------------------------------------------
-# Streams.
-
-
-class _ZstdFrames(io.RawIOBase):
-    """Decompress concatenated zstd frames; raise EOFError when the last frame is cut off.
-
-    zstandard's stream_reader (even with read_across_frames=True) reports a truncated file as
-    a normal end of stream, which would drop the tail silently; decompressobj exposes `eof`
-    per frame, so we drive it ourselves.
-    """
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._frame: Any = None  # the decompressobj of the frame in progress, if any
-        self._out = memoryview(b"")
-        self._error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._out:
-            if self._error is not None:
-                raise self._error
-            data = self._raw.read(_ZSTD_INPUT_BYTES)
-            if not data:
-                if self._frame is not None:
-                    raise EOFError("the zstd stream ends in the middle of a frame")
-                return 0
-            self._out = memoryview(self._feed(data))
-        n = min(len(buffer), len(self._out))
-        buffer[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-    def _feed(self, data: bytes) -> bytes:
-        parts = []
-        try:
-            while data:
-                if self._frame is None:
-                    self._frame = self._dctx.decompressobj()
-                parts.append(self._frame.decompress(data))
-                if self._frame.eof:
-                    data = self._frame.unused_data
-                    self._frame = None
-                else:
-                    data = b""
-        except zstandard.ZstdError as e:
-            # Hand out what decoded cleanly before the damage first; fail on the next read.
-            if not parts:
-                raise
-            self._error = e
-        return b"".join(parts)
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-class _Prefixed(io.RawIOBase):
-    """The bytes already read for sniffing, then the rest of the stream (or its read error).
-
-    `read(n)` must return what one underlying read gives (gzip's read1, not read): a read
-    that loops to fill n bytes loses everything it decoded when the stream turns out cut.
-    """
-
-    def __init__(
-        self, head: bytes, read: Callable[[int], bytes], error: BaseException | None
-    ) -> None:
-        self._head = memoryview(head)
-        self._read = read
-        self._error = error
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._head:
-            data: Any = self._head[: len(buffer)]
-            self._head = self._head[len(data) :]
-        elif self._error is not None:
-            raise self._error
-        else:
-            data = self._read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        return n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import json
 import os
 import re
@@ -49,7 +48,7 @@ _PARQUET_BATCH_ROWS = 2048
 
 
 # --------------------------------------------------------------------------------------------
-# Finding shards.
+# Shard formats.
 
 
 def shard_format(path: str | Path) -> str | None:
@@ -61,51 +60,7 @@ def shard_format(path: str | Path) -> str | None:
     return None
 
 
-def find_shards(spec: str | Path) -> list[Path]:
-    """Shard files named by a file, a folder (searched recursively) or a glob, sorted.
-
-    Hidden files and folders (names starting with '.') and unsupported suffixes are left out of
-    folder and glob searches. A named file with an unsupported suffix, or a path that does not
-    exist and is not a glob, raises ShardError; a glob matching nothing gives [].
-    """
-    text = str(spec)
-    path = Path(spec)
-    if path.is_file():
-        if shard_format(path) is None:
-            raise ShardError(path, _unsupported(path))
-        return [path]
-    if path.is_dir():
-        return sorted(_walk(path))
-    if any(c in text for c in "*?["):
-        found: set[Path] = set()
-        for match in glob.glob(text, recursive=True):
-            m = Path(match)
-            if m.is_dir():
-                found.update(_walk(m))
-            elif m.is_file() and shard_format(m) and not m.name.startswith("."):
-                found.add(m)
-        return sorted(found)
-    raise ShardError(path, "no such file or folder; give a shard file, a folder or a glob")
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    # Symlinked folders are followed (teams often link their data in); `seen` stops cycles.
-    seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and shard_format(name):
-                p = Path(root, name)
-                if p.is_file():
-                    yield p
-
-
-def _unsupported(path: Path) -> str:
+def unsupported(path: Path) -> str:
     name = path.name.lower()
     supported = ", ".join(SUPPORTED_SUFFIXES)
     if name.endswith((".json", ".ndjson")):
@@ -136,7 +91,7 @@ def read_shard(
     path = Path(path)
     fmt = shard_format(path)
     if fmt is None:
-        raise ShardError(rel, _unsupported(path))
+        raise ShardError(rel, unsupported(path))
     if path.is_dir():
         raise ShardError(rel, "is a folder, not a shard file")
     if fmt == "parquet":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 # Reasons are "<category>:<name>". The category decides which manifest count a record adds
 # to: quarantined (could not be read), filtered, duplicate, decontaminated.
@@ -27,9 +29,16 @@ class Doc:
     license: str | None = None
     created: str | None = None
     meta: str | None = None  # JSON text (keys sorted) of the record's `meta` object
+    # Filled by the pipeline blocks as the document passes them (not written by readers).
+    key: str | None = field(default=None, repr=False)  # exact-dedup key of the final text
+    contaminated: str | None = field(default=None, repr=False)  # "<eval file>: <detail>"
+    shingles: Any = field(default=None, repr=False, compare=False)  # sorted uint32 hash set
+    sig: Any = field(default=None, repr=False, compare=False)  # MinHash signature row
+    view: Any = field(default=None, repr=False, compare=False)  # the quality rules' splits
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: getattr(self, k) for k in ("id", "text", "source", "origin", "license",
+                                              "created", "meta")}
 
 
 @dataclass
@@ -56,3 +65,18 @@ def clip(text: str | None) -> str | None:
     if text is None or len(text) <= MAX_REJECTED_TEXT:
         return text
     return text[:MAX_REJECTED_TEXT] + f"\n[... cut: {len(text)} characters in all]"
+
+
+def rejected_line(row: dict[str, Any]) -> str:
+    """One line of a rejected/*.jsonl file (keys sorted, UTF-8 text, newline included).
+
+    A value that UTF-8 cannot hold (a lone surrogate from a "\\udc00" escape in a shard) is
+    written as its JSON escape instead, so the record is kept as it came, and the line
+    reads back to the same value.
+    """
+    line = json.dumps(row, ensure_ascii=False, sort_keys=True)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row, ensure_ascii=True, sort_keys=True)
+    return line + "\n"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,19 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from domainlm.corpus.assemble import Assembled
-from domainlm.corpus.shardwork import ShardTask
-from domainlm.files import atomic_path, hash_file, write_text
+from domainlm.corpus.records import rejected_line
+from domainlm.files import hash_file
 from domainlm.recipe import Recipe
 
 OUTPUT_COLUMNS = ["id", "text", "source", "origin", "license", "created", "meta"]
 REJECT_ORDER = ["quarantine", "filter", "duplicate", "decontaminated"]
-
-
-def _clear_old_outputs(out: Path) -> None:
-    for p in list(out.glob("train-*.parquet")) + list(out.glob("val-*.parquet")):
-        p.unlink()
-    for p in (out / "rejected").glob("*.jsonl") if (out / "rejected").exists() else []:
-        p.unlink()
 
 
 def _write_split(out: Path, name: str, table: pa.Table, rows: list[int], copy: list[int],
@@ -35,49 +29,93 @@ def _write_split(out: Path, name: str, table: pa.Table, rows: list[int], copy: l
         part = table.select(OUTPUT_COLUMNS).take(pa.array(rows[lo:hi], type=pa.int64()))
         part = part.append_column("copy", pa.array(copy[lo:hi], type=pa.int32()))
         path = out / f"{name}-{k:05d}.parquet"
-        with atomic_path(path) as tmp:
-            # Fixed writer settings and no timestamps: two builds give byte-identical files.
-            pq.write_table(part, tmp, compression="zstd", row_group_size=10_000)
+        # Fixed writer settings and no timestamps: two builds give byte-identical files.
+        pq.write_table(part, path, compression="zstd", row_group_size=10_000)
         files[path.name] = {"rows": part.num_rows, "hash": hash_file(path)}
     return files
+
+
+def _write_rejected(path: Path, cat: str, shard_parts: list[Path | dict[str, Any]],
+                    corpus_wide: list[dict[str, Any]]) -> int:
+    """rejected/<cat>.jsonl: the shards' rows in canonical order (copied from their cache as
+    they are, a block at a time), then the corpus-wide ones. Returns the number of rows."""
+    rows = 0
+    with open(path, "wb") as f:
+        for part in shard_parts:
+            if isinstance(part, dict):
+                if part["reason"].split(":", 1)[0] == cat:
+                    f.write(rejected_line(part).encode("utf-8"))
+                    rows += 1
+                continue
+            src = part / f"rejected-{cat}.jsonl"
+            if src.exists():
+                with open(src, "rb") as g:
+                    while block := g.read(1 << 20):
+                        f.write(block)
+                        rows += block.count(b"\n")
+        for r in corpus_wide:
+            f.write(rejected_line(r).encode("utf-8"))
+            rows += 1
+    return rows
+
+
+def _is_output(name: str) -> bool:
+    return name.endswith(".parquet") and name.startswith(("train-", "val-"))
 
 
 def write_outputs(
     recipe: Recipe,
     out: Path,
     result: Assembled,
-    rejected: list[dict[str, Any]],
+    shard_parts: list[Path | dict[str, Any]],
     stats: list[dict[str, Any]],
     counts: dict[str, Any],
-    tasks: list[ShardTask],
 ) -> dict[str, Any]:
-    """Write every output file of the stage (not the manifest); return their rows and hashes."""
+    """Write every output file of the stage (not the manifest); return their rows and hashes.
+
+    The files are written into a staging folder first and moved into place only when all of
+    them are complete, so a failure before that leaves the previous outputs as they were.
+    `shard_parts` is, per shard in canonical order, its cache folder (holding its rejected
+    rows) or the one rejected row of a shard refused as a whole.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    _clear_old_outputs(out)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "rejected").mkdir(parents=True)
     per_file = recipe.corpus.docs_per_output_shard
     outputs: dict[str, Any] = {}
     outputs.update(
         _write_split(
-            out, "train", result.table, [i for i, _ in result.train],
+            staging, "train", result.table, [i for i, _ in result.train],
             [j for _, j in result.train], per_file,
         )
     )
     outputs.update(
-        _write_split(out, "val", result.table, result.val, [0] * len(result.val), per_file)
+        _write_split(staging, "val", result.table, result.val, [0] * len(result.val), per_file)
     )
 
     by_cat: dict[str, list[dict[str, Any]]] = {c: [] for c in REJECT_ORDER}
-    for r in rejected:
+    for r in result.rejected:
         by_cat.setdefault(r["reason"].split(":", 1)[0], []).append(r)
     for cat, rows in by_cat.items():
-        path = out / "rejected" / f"{cat}.jsonl"
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-        outputs[f"rejected/{cat}.jsonl"] = {"rows": len(rows), "hash": hash_file(path)}
+        path = staging / "rejected" / f"{cat}.jsonl"
+        n = _write_rejected(path, cat, shard_parts, rows)
+        outputs[f"rejected/{cat}.jsonl"] = {"rows": n, "hash": hash_file(path)}
 
-    write_text(out / "report.md", render_report(recipe, result, stats, counts, outputs))
-    outputs["report.md"] = {"hash": hash_file(out / "report.md")}
+    report = render_report(recipe, result, stats, counts, outputs)
+    (staging / "report.md").write_text(report, encoding="utf-8")
+    outputs["report.md"] = {"hash": hash_file(staging / "report.md")}
+
+    # Everything is complete: replace the previous outputs (a handful of renames).
+    (out / "rejected").mkdir(exist_ok=True)
+    stale = [p for p in out.iterdir() if _is_output(p.name)]
+    stale += [p for p in (out / "rejected").glob("*.jsonl")]
+    for name in outputs:
+        os.replace(staging / name, out / name)
+    for p in stale:
+        if p.relative_to(out).as_posix() not in outputs:
+            p.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
     return outputs
 
 

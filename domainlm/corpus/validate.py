@@ -12,14 +12,9 @@ from pathlib import Path
 
 import click
 
-from domainlm.corpus.readers import (
-    SUPPORTED_SUFFIXES,
-    ShardError,
-    find_shards,
-    read_shard,
-    shard_format,
-)
+from domainlm.corpus.readers import SUPPORTED_SUFFIXES, ShardError, read_shard, shard_format
 from domainlm.corpus.records import Doc
+from domainlm.corpus.scan import scan
 from domainlm.errors import UserError
 from domainlm.files import atomic_path, hash_file
 
@@ -200,15 +195,20 @@ def _check_paths(paths: list[Path], max_record_bytes: int) -> list[ShardReport]:
     done: set[Path] = set()
     for p in paths:
         try:
-            shards = find_shards(p)
+            found = scan(p)
         except ShardError as e:
             r = ShardReport(path=p, display=str(p), unusable=True)
             r.problem(f"{p}:0", "bad_shard", e.problem)
             reports.append(r)
             continue
+        shards = found.files
         if p.is_dir():
             reports.extend(_ignored_files(p))
-        if not shards:
+        for path, problem in found.refused:  # as `corpus build` refuses them
+            r = ShardReport(path=path, display=str(path), unusable=True)
+            r.problem(f"{path}:0", "refused", problem)
+            reports.append(r)
+        if not shards and not found.refused:
             r = ShardReport(path=p, display=str(p), unusable=True)
             supported = ", ".join(SUPPORTED_SUFFIXES)
             r.problem(f"{p}:0", "no_shards", f"no shard files found here (looked for {supported})")

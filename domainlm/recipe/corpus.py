@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from domainlm.errors import UserError
+from domainlm.recipe.checks import Rule, at_least, fraction, positive
 
 # --------------------------------------------------------------------------------------------
 # Corpus section. Every field has a default; the comment after it is its documentation
@@ -49,6 +52,28 @@ class QualityFilters:
     min_language_score: float | None = None
     language_prefix_chars: int = 1000  # language id reads this many leading characters
 
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "min_chars": at_least(0, "characters"),
+        "max_chars": at_least(1, "characters"),
+        "min_words": at_least(0, "words"),
+        "max_words": at_least(1, "words"),
+        "min_mean_word_length": at_least(0, "characters"),
+        "max_mean_word_length": positive("characters"),
+        "max_symbol_word_ratio": at_least(0, "symbols per word"),
+        "max_bullet_lines": fraction("of the lines"),
+        "max_ellipsis_lines": fraction("of the lines"),
+        "min_alpha_words": fraction("of the words"),
+        "min_stop_words": at_least(0, "words"),
+        "max_dup_line_fraction": fraction("of the lines"),
+        "max_dup_para_fraction": fraction("of the paragraphs"),
+        "max_dup_line_char_fraction": fraction("of the characters"),
+        "max_dup_para_char_fraction": fraction("of the characters"),
+        "max_top_ngram_char_fraction": fraction("of the characters"),
+        "max_dup_ngram_char_fraction": fraction("of the characters"),
+        "min_language_score": fraction("a score"),
+        "language_prefix_chars": at_least(1, "characters"),
+    }
+
 
 @dataclass
 class PIIConfig:
@@ -68,12 +93,23 @@ class DedupConfig:
     num_perm: int = 128  # MinHash permutations
     threshold: float = 0.8  # Jaccard similarity at and above which documents are duplicates
 
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "shingle": at_least(1, "words"),
+        "num_perm": at_least(16, "permutations"),
+        "threshold": Rule(0, 1, lo_inclusive=False, what="a Jaccard similarity"),
+    }
+
 
 @dataclass
 class DecontamConfig:
     files: list[str] = field(default_factory=list)  # eval sets (JSONL with `text`, or .txt)
     ngram: int = 13  # word n-gram length, as GPT-3's decontamination
     max_overlap: float = 0.0  # drop a document sharing more than this fraction of its n-grams
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "ngram": at_least(1, "words"),
+        "max_overlap": fraction("of the n-grams", closed=False),
+    }
 
 
 @dataclass
@@ -84,6 +120,16 @@ class SourceConfig:
     weight: float | None = None  # target share of training characters after mixing
     filters: dict[str, Any] | None = None  # overrides of corpus.filters for this source
     pii: dict[str, Any] | None = None  # overrides of corpus.pii for this source
+    # More pipeline blocks for this source only, after corpus.blocks (same entry form).
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    # A folder or glob that holds no shard is an error unless this is true (a folder that
+    # teams fill later, as the demo's corpus/shards).
+    allow_empty: bool = False
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {"name": "name", "weight": at_least(0, "a share")}
+
+    def __post_init__(self) -> None:
+        _check_blocks(self.blocks, "blocks")
 
 
 @dataclass
@@ -98,5 +144,32 @@ class CorpusConfig:
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
     val_fraction: float = 0.01  # share of documents (by hash) held out for validation
     docs_per_output_shard: int = 50_000  # rows per Parquet file written
+    # Where the per-shard work and the dedup partitions run: local (a process pool of
+    # `workers`) or ray (Ray tasks; `--ray-address` or RAY_ADDRESS names a cluster, else a
+    # local Ray instance is started). The outputs are the same bytes either way.
+    executor: Literal["local", "ray"] = "local"
+    # Filters of your own, run on every source after the quality and language rules: each
+    # entry is {use: "package.module:Class" or "path/file.py:Class", <its settings>: ...}.
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    RANGES: ClassVar[dict[str, Rule | str]] = {
+        "workers": at_least(0, "processes; 0: every core"),
+        # 0 would quarantine every record; the default is 8388608 (8 MiB)
+        "max_record_bytes": at_least(1, "bytes"),
+        "val_fraction": fraction("of the documents", closed=False),
+        "docs_per_output_shard": at_least(1, "rows"),
+    }
+
+    def __post_init__(self) -> None:
+        _check_blocks(self.blocks, "blocks")
+
+
+def _check_blocks(blocks: list[dict[str, Any]], key: str) -> None:
+    for i, entry in enumerate(blocks):
+        if not isinstance(entry.get("use"), str) or ":" not in entry["use"]:
+            raise UserError(
+                f"{key}[{i}]: each block entry needs `use: package.module:ClassName` (or "
+                "path/to/file.py:ClassName), then the block's own settings"
+            )
 
 

@@ -234,8 +234,6 @@ def _validate(recipe: Recipe, ctx: _Ctx) -> None:
         seen.add(s.name)
         if s.kind == "shards" and not s.path:
             raise ctx.fail(key, "a `shards` source needs `path` (a folder or a glob)")
-        if s.weight is not None and s.weight < 0:
-            raise ctx.fail(f"{key}.weight", "weights must be >= 0")
         if s.filters is not None:
             s.filters = _overrides(QualityFilters, s.filters, f"{key}.filters", ctx)
         if s.pii is not None:
@@ -243,13 +241,6 @@ def _validate(recipe: Recipe, ctx: _Ctx) -> None:
     weights = [s.weight for s in c.sources]
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise ctx.fail("corpus.sources", "give `weight` to every source or to none")
-    if not 0 <= c.val_fraction < 1:
-        raise ctx.fail("corpus.val_fraction", "must be in [0, 1)")
-    d = c.dedup
-    if not 0 < d.threshold <= 1:
-        raise ctx.fail("corpus.dedup.threshold", "must be in (0, 1]")
-    if d.shingle < 1 or d.num_perm < 16:
-        raise ctx.fail("corpus.dedup", "shingle must be >= 1 and num_perm >= 16")
     t = recipe.tokenizer
     if t.vocab_size != "auto" and (t.vocab_size < 256 or t.vocab_size % 64):
         raise ctx.fail("tokenizer.vocab_size", "must be a multiple of 64 (>= 256), or auto")
