@@ -375,6 +375,26 @@ def test_minutes_budget_uses_the_probe_and_yields_a_tiny_model(recipe, fake_prob
     assert plan["strategy"]["lightning"] == "auto"
 
 
+def test_a_minutes_budget_on_a_busy_machine_plans_the_smallest_model(recipe, monkeypatch):
+    """A machine busy with other work measures slow; minutes are then below the smallest model.
+    The plan trains that model on what the minutes buy rather than refuse (make pretrain once
+    failed under load); a FLOP budget that small is still an error."""
+    def slow(seconds: float = 0.75, limit: float = 2.5) -> hardware.Probe:
+        return hardware.Probe(device="cpu", name="busy cpu", devices=1, flops_per_s=1e6,
+                              memory_bytes=16 * 10**9, dtype="bfloat16", seconds=0.1, steps=3,
+                              machine=hardware.machine_fingerprint())
+
+    monkeypatch.setattr(hardware, "probe", slow)
+    monkeypatch.setattr(hardware, "probe_model", lambda *a, **k: (1e6, 3))
+    r = recipe({"minutes": 1}, tokenizer={"vocab_size": 2048})
+    plan = make_plan(r)
+    assert plan["shape"]["n_layers"] == 1 and plan["shape"]["d_model"] == 64
+    assert any("smallest model instead" in n for n in plan["notes"])
+    assert plan["flops_used"] == pytest.approx(plan["flops"])
+    with pytest.raises(UserError, match="smallest model"):
+        make_plan(recipe({"flops": 1e12, "gpu": "h100"}, tokenizer={"vocab_size": 2048}))
+
+
 def test_the_model_probe_times_a_real_training_step():
     shape = LlamaConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=1, n_kv_heads=1,
                         ffn_dim=192)

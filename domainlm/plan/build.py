@@ -268,7 +268,21 @@ def _plan(
         tie = recipe.model.tie_embeddings
         return _too_small(p, hw, budget_desc, target, vocab, tie, data if constrained else None)
 
-    shape = _shape(target, vocab, recipe, p.seq_len, notes, why)
+    try:
+        shape = _shape(target, vocab, recipe, p.seq_len, notes, why)
+    except ShapeError as e:
+        if kind != "minutes" or constrained:
+            raise
+        # Minutes on this machine are a wish, not a quantity: a machine busy with other work
+        # measures slow and the budget then buys less than the smallest model. Train that one
+        # and say how long it will take, rather than refuse.
+        m = recipe.model
+        shape = smallest(vocab, m.tie_embeddings, p.seq_len)
+        shape = dataclasses.replace(shape, rope_theta=m.rope_theta, norm_eps=m.norm_eps)
+        notes.append(
+            f"{e} — planning the smallest model instead, trained on the tokens the budget buys "
+            "(fewer than compute-optimal)"
+        )
     n = shape.num_params()
     tokens = budget / (6 * n)
     if data["checked"] and tokens > data["max_tokens"]:
