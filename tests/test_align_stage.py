@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -257,18 +256,32 @@ def test_resume_after_kill_9_continues_the_same_curves(tuned, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "domainlm", "align", "--no-progress", "--recipe"]
     subprocess.run([*cmd, str(whole)], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen([*cmd, str(cut)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "cut" / "build" / "tiny" / "align" / "ppo" / "checkpoints"
-    deadline = time.time() + 600
-    while not list(ckpts.glob("step-*.ckpt")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The cut run kills itself with SIGKILL right after its second step checkpoint is on disk:
+    # the same as kill -9 from outside at that moment, but at a point that does not depend on
+    # how fast the machine is (a fast machine finished all six steps before a poll saw one).
+    killer = (
+        "import os, signal, sys\n"
+        "from lightning.pytorch.callbacks import ModelCheckpoint\n"
+        "save = ModelCheckpoint._save_checkpoint\n"
+        "seen = []\n"
+        "def kill_after_second(self, trainer, filepath):\n"
+        "    save(self, trainer, filepath)\n"
+        "    if 'step-' in os.path.basename(filepath):\n"
+        "        seen.append(filepath)\n"
+        "        if len(seen) == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ModelCheckpoint._save_checkpoint = kill_after_second\n"
+        "from domainlm.cli import main\n"
+        "sys.argv = ['domainlm', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", killer, *cmd[3:], str(cut)], env=env,
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     manifest = tmp_path / "cut" / "build" / "tiny" / "align" / "manifest.json"
     assert not manifest.exists(), "the run ended before it could be killed"
-    partial = _curves(tmp_path / "cut", "ppo")
+    logged = tmp_path / "cut" / "build" / "tiny" / "align" / "ppo" / "logs" / "metrics.csv"
+    partial = _curves(tmp_path / "cut", "ppo") if logged.exists() else []
     subprocess.run([*cmd, str(cut)], check=True, env=env, capture_output=True)
     assert manifest.exists()
     got, want = _curves(tmp_path / "cut", "ppo"), _curves(tmp_path / "whole", "ppo")
