@@ -82,10 +82,11 @@ def _export(recipe: Recipe, folders: dict[str, Path]) -> dict:
     """The stage's work: each model in each format, written and measured; the report."""
     import torch
 
+    from domainlm.model.compressed import save_quantized
     from domainlm.model.gguf import write_gguf
     from domainlm.model.hf import save_hf_folder
     from domainlm.model.load import load_model
-    from domainlm.model.quantized import quantize_model, save_quantized
+    from domainlm.model.quantized import quantize_model
 
     say = click.echo
     cfg = recipe.export

@@ -77,6 +77,7 @@ def finish(
 ) -> dict:
     from domainlm.model.hf import save_hf_folder
     from domainlm.tokenizer.arrays import TokenWindows
+    from domainlm.tokenizer.templates import load_template
     from domainlm.train.data import unigram_baseline
 
     t = recipe.train
@@ -111,8 +112,11 @@ def finish(
             f"{metrics['unigram_baseline']:.3f} nats/token, perplexity "
             f"{math.exp(metrics['unigram_baseline']):.1f})"
         )
+    # The chat template of the recipe's fine-tuning: adapters are served on this folder.
+    template = load_template(recipe.finetune.template).source
     folder = save_hf_folder(
-        model.cpu().float(), tokenizer_model, out / "model", dtype=t.export_dtype
+        model.cpu().float(), tokenizer_model, out / "model", dtype=t.export_dtype,
+        chat_template=template,
     )
     text = sample(model, tokenizer_model, t.sample_prompt, t.sample_tokens, recipe.seed)
     metrics["sample"] = {"prompt": t.sample_prompt, "text": text}
