@@ -4,7 +4,8 @@ lm-eval finds models only in its own registry (it scans no entry points), so thi
 be imported before its CLI runs; the `domainlm-lm-eval` console script does that and then runs
 lm-eval's CLI with the same arguments:
 
-    domainlm-lm-eval --model domainlm --model_args pretrained=build/demo/export/hf --tasks ...
+    domainlm-lm-eval --model domainlm \\
+        --model_args pretrained=build/demo/export/base/hf-bf16 --tasks ...
 
 From Python, `import domainlm.eval.harness` and call `lm_eval.simple_evaluate(model="domainlm",
 model_args="pretrained=...")`, or pass a `DomainLM(...)` instance as the model.
