@@ -231,6 +231,16 @@ def test_transformers_loads_the_quantized_folder_with_our_logits(tmp_path, token
     ours = logits(model, idx)
     assert (got - ours).abs().max().item() <= 1e-5
     assert rel_err(got, logits(base, idx)) < (0.01 if bits == 8 else 0.1)
+    # As `make quantize` writes it: scales and float parts in bf16 (servers hold them so);
+    # transformers loads it in bf16 and agrees with our bf16 model up to bf16 rounding.
+    half = quantize_model(base, bits, GS).to(torch.bfloat16)
+    folder16 = save_quantized(half, tmp_path / "q16", tokenizer, bits, GS)
+    assert json.loads((folder16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    theirs16 = transformers.AutoModelForCausalLM.from_pretrained(folder16, dtype="auto").eval()
+    assert theirs16.dtype == torch.bfloat16
+    with torch.no_grad():
+        got16 = theirs16(input_ids=idx).logits.float()
+    assert rel_err(got16, logits(half, idx).float()) < 0.02
     # `domainlm generate` loads the folder (load_model is the one loader).
     from click.testing import CliRunner
 
