@@ -146,6 +146,13 @@ def test_export_loads_in_transformers_with_equal_logits(trained):
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
     assert diff <= 1e-4
+    # The base folder carries the chat template its fine-tuned adapters are served with, and
+    # bos is the eos that every training document follows.
+    from domainlm.tokenizer.templates import load_template
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == load_template(recipe.finetune.template).source
+    assert hf.config.bos_token_id == tok.bos_token_id == 2 == hf.generation_config.bos_token_id
 
 
 def test_a_second_run_is_up_to_date(trained, capsys):

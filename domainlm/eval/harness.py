@@ -28,7 +28,7 @@ from lm_eval.api.registry import register_model
 
 from domainlm.errors import UserError
 from domainlm.model.decode import SamplingParams, complete
-from domainlm.model.hf import load_hf_folder
+from domainlm.model.load import load_model
 from domainlm.tokenizer.special import EOS_ID, PAD_ID
 
 DEFAULT_GEN_TOKS = 256
@@ -57,7 +57,7 @@ class DomainLM(LM):
             # lm-eval's CLI asks for cuda unless told otherwise; a CPU machine still runs.
             log.warning("device %s is not available; evaluating on the CPU", device)
             self._device = torch.device("cpu")
-        self.model = load_hf_folder(folder).to(self._device)
+        self.model = load_model(folder).to(self._device)  # float or int8/int4 folder
         self.sp = spm.SentencePieceProcessor(model_file=str(tok))
         limit = self.model.config.max_seq_len
         self.max_length = min(int(max_length), limit) if max_length else limit
