@@ -11,6 +11,7 @@ from domainlm.errors import UserError
 from domainlm.files import hash_json
 from domainlm.recipe import Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
+from domainlm.tokenizer.templates import load_template
 from domainlm.train.loop import (
     build_trainer,
     checkpoint_dir,
@@ -41,6 +42,8 @@ def pretrain_stage(recipe: Recipe, settings: RunSettings) -> tuple[Stage, str]:
     weights = {"seed": recipe.seed, "settings": settings.to_dict(), "train": train}
     t = recipe.train
     outputs = {k: getattr(t, k) for k in ("export_dtype", "sample_prompt", "sample_tokens")}
+    # The base folder carries the chat template its fine-tuned adapters are served with.
+    outputs["chat_template"] = load_template(recipe.finetune.template).source
     stage = Stage(
         "pretrain",
         layout.manifest("pretrain"),
