@@ -87,6 +87,7 @@ def _export(recipe: Recipe, folders: dict[str, Path]) -> dict:
     from domainlm.model.hf import save_hf_folder
     from domainlm.model.load import load_model
     from domainlm.model.quantized import quantize_model
+    from domainlm.tokenizer.templates import load_template
 
     say = click.echo
     cfg = recipe.export
@@ -119,7 +120,10 @@ def _export(recipe: Recipe, folders: dict[str, Path]) -> dict:
                                chat_template=template)
                 runs = qmodel
             else:
-                write_gguf(model, tokenizer_model, target, GGUF_TYPES[fmt], chat_template=template)
+                # A folder without a template (the base) gets the recipe's: the one a chat
+                # adapter on it, or the fine-tuned model, was trained with.
+                gguf_template = template or load_template(recipe.finetune.template).source
+                write_gguf(model, tokenizer_model, target, GGUF_TYPES[fmt], gguf_template)
                 runs = load_model(target)
             with torch.no_grad():
                 ppl = _ppl(runs.eval(), windows)
