@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,11 @@ def measure(size: Size, data: Streams, cfg: TrainConfig, seeds=SEEDS,
     return SizeResult(size, base, cand)
 
 
+def _measure_in_worker(size: Size, work: Path, cfg: TrainConfig, seeds) -> SizeResult:
+    torch.set_num_threads(1)
+    return measure(size, load(work), cfg, seeds)
+
+
 def _fmt_ratio(r: float | None, top: float) -> str:
     return f"> {top:.2f}" if r is None else f"{r:.2f}"
 
@@ -273,8 +279,11 @@ def run(quick: bool = False, sizes: list[Size] | None = None, work: Path = WORK,
         if quick:
             sizes = [dataclasses.replace(s, steps=20) for s in SIZES]
             seeds = seeds[:1]
-    data = load(work)
-    results = [measure(s, data, cfg, seeds) for s in sizes]
+    load(work)  # built once, before the workers read it
+    # One process per size (each single-threaded): the results do not depend on the split.
+    with ProcessPoolExecutor(max_workers=len(sizes)) as pool:
+        futures = [pool.submit(_measure_in_worker, s, work, cfg, seeds) for s in sizes]
+        results = [f.result() for f in futures]
     return report(results, cfg, time.perf_counter() - t0, quick)
 
 

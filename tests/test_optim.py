@@ -97,6 +97,9 @@ def test_muon_adamw_state_round_trips_and_refuses_an_adamw_state():
         for k, v in a[part]["state"].items():
             for name, t in v.items():
                 assert torch.equal(torch.as_tensor(t), torch.as_tensor(b[part]["state"][k][name]))
+    for group in fresh.param_groups:  # what a scheduler does: it must reach the inner groups
+        group["lr"] = 0.5
+    assert {g["lr"] for o in (fresh.muon, fresh.adamw) for g in o.param_groups} == {0.5}
     adamw = optim.make_optimizer(model, TrainConfig()).state_dict()
     with pytest.raises(ValueError, match="train.optimizer must stay"):
         fresh.load_state_dict(adamw)

@@ -148,6 +148,9 @@ class MuonAdamW(torch.optim.Optimizer):
         for k, o in (("muon", self.muon), ("adamw", self.adamw)):
             if o is not None:
                 o.load_state_dict(state_dict[k])
+        # Loading gives the inner optimizers new group dicts: share those, or a scheduler would
+        # go on setting the learning rate of the old ones.
+        self.param_groups = [g for o in self._inner for g in o.param_groups]
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
