@@ -182,9 +182,10 @@ class PretrainModule(L.LightningModule):
     ):
         # Lightning refuses to clip for a fused optimizer under mixed precision, because with a
         # float16 loss scaler the fused step unscales internally. bf16 has no scaler, and the
-        # gradients here are whole (DDP or one device: the only cases that get a fused AdamW),
-        # so clipping them directly is exact.
-        if optimizer.defaults.get("fused") and gradient_clip_val:
+        # gradients here are whole (DDP or one device: the only cases that get a fused AdamW,
+        # or Muon), so clipping them directly is exact, in the model's parameter order.
+        whole = optimizer.defaults.get("fused") or isinstance(optimizer, optim.MuonAdamW)
+        if whole and gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
