@@ -32,6 +32,7 @@ from domainlm.recipe.stages import (
     TokenizerConfig,
     TrainConfig,
 )
+from domainlm.recipe.sweep import SweepConfig
 
 
 class RecipeError(UserError):
@@ -52,6 +53,7 @@ class Recipe:
     align: AlignConfig = field(default_factory=AlignConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
