@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import align, corpus, generate, langid, pretrain, serve, tokens
+from bench import align, corpus, generate, gpu, langid, pretrain, serve, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
@@ -14,6 +14,7 @@ SECTIONS = {
     "generate": generate.main,
     "serve": serve.main,
     "align": align.main,
+    "gpu": gpu.main,
 }
 
 

@@ -113,12 +113,14 @@ def build_trainer(
     progress: bool,
     extra_callbacks: tuple = (),
     early_stopping: EarlyStoppingConfig | None = None,
+    loggers: bool = True,
 ):
     """The Lightning Trainer of a run (also what `make bench` times): (trainer, the
     throughput callback, the clean-stop callback). Checkpoints go to out/checkpoints/, logs
     to out/logs/. With early_stopping (and validation), training stops after `patience`
     validations without improvement, and checkpoints/best-*.ckpt keeps the best weights
-    (restore_best loads them)."""
+    (restore_best loads them). Without loggers (the GPU check, where TensorBoard may not be
+    installed) nothing is logged to files."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -186,7 +188,7 @@ def build_trainer(
         logger=[
             CSVLogger(logs, name="", version=""),
             TensorBoardLogger(logs, name="tensorboard", version="", default_hp_metric=False),
-        ],
+        ] if loggers else False,
         callbacks=callbacks,
         use_distributed_sampler=False,
         enable_progress_bar=progress,
