@@ -1,6 +1,6 @@
 """One GPU check (`make gpu-check`): short runs of recipes/gpu-125m.yaml (eager and
 torch.compile) and recipes/gpu-1b.yaml (FSDP, DeepSpeed ZeRO-2 and ZeRO-3 on several GPUs; the
-single-device path with activation checkpointing on one) in bf16 on synthetic tokens of the
+single-device path with activation checkpointing on one, eager and compiled) in bf16 on synthetic tokens of the
 recipe's vocabulary, through the Trainer that `make pretrain` builds. Writes one JSON file:
 per run tokens/s, MFU (PaLM's FLOPs per token over the named device's dense bf16 peak), peak
 memory and the memory model's prediction for the same run (domainlm/plan/memory.py).
@@ -67,6 +67,10 @@ def plan_runs(cpu: bool, gpus: int) -> list[dict]:
     else:
         runs.append({"name": "gpu-1b + activation checkpointing", "recipe": "recipes/gpu-1b.yaml",
                      "strategy": "auto", "compile": False, "checkpointing": True})
+        if not cpu:  # the recipe's own setting; on a CPU the 125m run covers compilation
+            runs.append({"name": "gpu-1b + activation checkpointing, compiled",
+                         "recipe": "recipes/gpu-1b.yaml", "strategy": "auto", "compile": True,
+                         "checkpointing": True})
     return runs
 
 
