@@ -1,9 +1,10 @@
 """One GPU check (`make gpu-check`): short runs of recipes/gpu-125m.yaml (eager and
 torch.compile) and recipes/gpu-1b.yaml (FSDP, DeepSpeed ZeRO-2 and ZeRO-3 on several GPUs; the
-single-device path with activation checkpointing on one, eager and compiled) in bf16 on synthetic tokens of the
-recipe's vocabulary, through the Trainer that `make pretrain` builds. Writes one JSON file:
-per run tokens/s, MFU (PaLM's FLOPs per token over the named device's dense bf16 peak), peak
-memory and the memory model's prediction for the same run (domainlm/plan/memory.py).
+single-device path with activation checkpointing on one, eager and compiled) in bf16 on
+synthetic tokens of the recipe's vocabulary, through the Trainer that `make pretrain` builds.
+Writes one JSON file: per run tokens/s, MFU (PaLM's FLOPs per token over the named device's
+dense bf16 peak), peak memory and the memory model's prediction for the same run
+(domainlm/plan/memory.py).
 
     python scripts/gpu_check.py                      # on the GPU machine, <= 8 minutes
     python scripts/gpu_check.py --cpu --out x.json   # the same path with tiny sizes (the tests)
