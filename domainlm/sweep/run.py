@@ -93,7 +93,8 @@ def run_trial_stage(trial: Recipe, stage: str) -> None:
         from domainlm.plan.run import run_plan
         from domainlm.train.pretrain import pretrain
 
-        run_plan(trial)
+        if trial.layout.plan.is_file():  # the run has a plan: the trial's settings may move it
+            run_plan(trial)
         pretrain(trial, progress=False)
     elif stage == "finetune":
         from domainlm.finetune.stage import finetune
@@ -150,7 +151,8 @@ def sweep(recipe: Recipe, stage: str, *, trials: int | None = None) -> dict:
     one_method = {"finetune": {"finetune.methods": [method]},
                   "align": {"align.methods": [method]}}.get(stage, {})
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failed trial's reason goes into the table; Optuna's own warning would add a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     queue: list[dict] = []
     if sw.sampler == "grid":
         queue = grid(sw.params)
