@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import align, corpus, efficiency, generate, langid, pretrain, serve, tokens
+from bench import align, corpus, efficiency, generate, gpu, langid, pretrain, serve, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
@@ -15,6 +15,7 @@ SECTIONS = {
     "generate": generate.main,
     "serve": serve.main,
     "align": align.main,
+    "gpu": gpu.main,
 }
 
 

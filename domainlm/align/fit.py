@@ -12,7 +12,7 @@ import lightning as L
 from domainlm.errors import UserError
 from domainlm.files import hash_json
 from domainlm.recipe import Recipe, TrainConfig
-from domainlm.train.loop import build_trainer, checkpoint_dir, kept_csv_log
+from domainlm.train.loop import build_trainer, checkpoint_dir, kept_csv_log, restore_best
 from domainlm.train.settings import RunSettings, resolve_accelerator
 
 
@@ -37,7 +37,8 @@ def fit(recipe: Recipe, name: str, module: L.LightningModule, data: L.LightningD
         seq_len: int, fingerprint: str, force: bool, progress: bool) -> float:
     """Train `module` in align/<name>/ for total_steps optimizer steps, resuming from the
     checkpoints of the same run (the stage's fingerprint); returns the seconds it took. A
-    stop on Ctrl-C or SIGTERM checkpoints and ends in a UserError that says how to go on."""
+    stop on Ctrl-C or SIGTERM checkpoints and ends in a UserError that says how to go on. With
+    train.early_stopping the module ends with the weights of its best validation."""
     out = recipe.layout.align_method(name)
     ckpt_dir, resume = checkpoint_dir(out, hash_json([fingerprint, name]), force, click.echo)
     settings = RunSettings(
@@ -48,7 +49,8 @@ def fit(recipe: Recipe, name: str, module: L.LightningModule, data: L.LightningD
     )
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     trainer, _, stop = build_trainer(settings, train_cfg, out, module,
-                                     has_val=getattr(data, "has_val", False), progress=progress)
+                                     has_val=getattr(data, "has_val", False), progress=progress,
+                                     early_stopping=recipe.train.early_stopping)
     t = time.time()
     with kept_csv_log(out / "logs" / "metrics.csv"):
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
@@ -58,4 +60,9 @@ def fit(recipe: Recipe, name: str, module: L.LightningModule, data: L.LightningD
             f"{total_steps}, checkpoint {ckpt_dir / 'last.ckpt'}: run `make align` again to "
             "continue"
         )
-    return round(time.time() - t, 1)
+    seconds = round(time.time() - t, 1)
+    best = restore_best(trainer, module)  # with train.early_stopping: the best validation's
+    if best:
+        click.echo(f"align: {name}: early stopping: kept step {best['best_step']} of "
+                   f"{best['last_step']} (validation loss {best['best_val_loss']:.4f})")
+    return seconds

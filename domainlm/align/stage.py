@@ -62,6 +62,8 @@ def align_stage(recipe: Recipe) -> Stage:
                   ("precision", "accelerator", "betas", "eps", "grad_clip", "log_every",
                    "ckpt_every", "val_every", "min_lr_ratio", "schedule")},
     }
+    if recipe.train.early_stopping.patience:  # off: the fingerprint of earlier runs stands
+        params["train"]["early_stopping"] = dataclasses.asdict(recipe.train.early_stopping)
     return Stage("align", layout.manifest("align"), inputs, params, STAGE_VERSION,
                  outputs=[layout.align / "report.md"], hashes=layout.hashes)
 

@@ -34,6 +34,7 @@ from domainlm.recipe.stages import (
     TrainConfig,
     muon_strategy_error,
 )
+from domainlm.recipe.sweep import SweepConfig
 
 
 class RecipeError(UserError):
@@ -54,6 +55,7 @@ class Recipe:
     align: AlignConfig = field(default_factory=AlignConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})

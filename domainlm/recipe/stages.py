@@ -85,6 +85,20 @@ def muon_strategy_error(strategy: str) -> str:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Fine-tuning and alignment stop when the validation loss stops improving; the model they
+    save is the one of the best validation, not the last."""
+
+    patience: int | None = None  # validations without improvement before stopping; null: off
+    min_delta: float = 0.0  # a smaller drop of the validation loss is no improvement
+
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "patience": at_least(1, "validations"),
+        "min_delta": at_least(0, "nats per token"),
+    }
+
+
+@dataclass
 class TrainConfig:
     """Pretraining with Lightning (`make pretrain`). Sizes left null come from plan.json."""
 
@@ -123,6 +137,8 @@ class TrainConfig:
     export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model.safetensors
     sample_prompt: str = "The"  # `make pretrain` ends by continuing this prompt
     sample_tokens: int = 48
+    # Fine-tuning and alignment only (pretraining runs its planned tokens).
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     RANGES: ClassVar[dict[str, Rule]] = {
         "devices": at_least(1, "devices per node"),

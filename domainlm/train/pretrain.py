@@ -25,6 +25,8 @@ STAGE_VERSION = 1
 # Settings that change what is logged or exported, never the trained weights.
 COSMETIC = ("val_every", "val_batches", "ckpt_every", "log_every", "sample_prompt")
 COSMETIC += ("sample_tokens", "export_dtype")
+# Read by fine-tuning and alignment only.
+COSMETIC += ("early_stopping",)
 
 
 class Interrupted(UserError):
