@@ -240,11 +240,11 @@ def check_peft(report: Report, adapter: Path, docs: list[str]) -> None:
     print(f"peft {adapter}")
     ours = load_model(adapter)
     sp, _ = load_tokenizer(adapter)
-    here = os.getcwd()
+    here, where = os.getcwd(), adapter.resolve()
     with tempfile.TemporaryDirectory() as elsewhere:
         os.chdir(elsewhere)  # a relative base path would resolve against the wrong folder
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(adapter.resolve()).eval()
+            model = AutoPeftModelForCausalLM.from_pretrained(where).eval()
         except Exception as e:  # noqa: BLE001 - any refusal is the finding
             report.check(False, f"{adapter}: peft cannot load it from another working "
                          f"directory ({type(e).__name__}: {e})")
