@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ggufs:
             raise UserError(f"no GGUF under {layout.export}: add gguf-* to export.formats")
         for path in ggufs:
+            if path.parent.name not in models:
+                raise UserError(f"{path} was exported from {path.parent.name}, which this run "
+                                f"no longer has: run `make quantize RECIPE={args.recipe}` again")
             check_gguf(report, path, models[path.parent.name], docs)
         folders = [(p, "model") for p in models.values()]
         folders += [(p, p.name) for p in sorted(layout.export.glob("*/*"))
