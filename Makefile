@@ -3,6 +3,7 @@
 #   make align                         preference tuning of the fine-tuned model (after finetune)
 #   make corpus RECIPE=recipes/x.yaml  any stage with another recipe
 #   make test                          the whole test suite
+#   make check-interop                 the demo's exports in llama.cpp, transformers, peft, openai
 # Every stage command is idempotent: it compares its inputs with its manifest and does
 # nothing when they match, so the targets can stay phony and `make finetune` re-checks
 # every earlier stage in seconds.
@@ -14,19 +15,25 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DLM    := $(BIN)/domainlm
 
+# llama-cpp-python (a dev dependency) compiles llama.cpp from source, 15-30 minutes on two cores;
+# a wheel prebuilt for this machine type in ../shared/wheels (next to the checkout) is used
+# when that folder exists.
+WHEELS := $(wildcard $(CURDIR)/../shared/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(abspath $(WHEELS)) --prefer-binary,)
+
 # Constraints reach pip's isolated build environments too (through the environment).
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup corpus tokenizer tokens plan pretrain finetune align quantize eval bench test test-fast \
-        lint clean check-gguf gpu-check
+        lint clean check-interop gpu-check
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt $(FIND_LINKS) -e '.[dev]'
 	touch $@
 
 corpus: $(STAMP)
@@ -69,14 +76,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The GGUF export checked in llama.cpp itself: writes MODEL (a model folder) as an F16 GGUF
-# and compares llama.cpp's greedy continuation with ours, token for token. Not part of
-# `make test`: the first run pip-installs llama-cpp-python, which compiles llama.cpp from
-# source (5-15 minutes on a laptop; needs cmake and a C++ compiler).
-MODEL ?= build/demo/pretrain/model
-check-gguf: $(STAMP)
-	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || $(BIN)/pip install llama-cpp-python
-	$(BIN)/python scripts/check_gguf.py --model $(MODEL)
+# The run's exported files in the tools they are made for (scripts/check_interop.py): every
+# GGUF in llama.cpp with text prompts, every folder in transformers, every adapter in peft, and
+# `domainlm serve` through the openai client and lm-eval. Builds the stages it needs first.
+check-interop: quantize
+	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || \
+		$(BIN)/pip install --quiet $(FIND_LINKS) llama-cpp-python
+	$(BIN)/python scripts/check_interop.py --recipe $(RECIPE)
 
 # The GPU check (scripts/gpu_check.py): on one H100/H200, short bf16 runs of gpu-125m (eager
 # and compiled) and gpu-1b (FSDP, ZeRO-2/3 on several GPUs; activation checkpointing on one),

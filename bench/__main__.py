@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import align, corpus, generate, gpu, langid, pretrain, serve, tokens
+from bench import align, corpus, efficiency, generate, gpu, langid, pretrain, serve, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
     "langid": langid.main,
     "tokens": tokens.main,
     "pretrain": pretrain.main,
+    "efficiency": efficiency.main,
     "generate": generate.main,
     "serve": serve.main,
     "align": align.main,

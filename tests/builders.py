@@ -157,9 +157,11 @@ def tiny_run(
     return path
 
 
-def sentencepiece_model(folder: Path, vocab_size: int = 320, seed: int = 0) -> Path:
-    """A tiny tokenizer.model trained with the tokenizer stage's options on English-like lines,
-    for tests that need a real one (e.g. to export a Hugging Face folder); about a second."""
+def sentencepiece_model(folder: Path, vocab_size: int = 320, seed: int = 0,
+                        model_type: str | None = None, lines: list[str] | None = None) -> Path:
+    """A tiny tokenizer.model trained with the tokenizer stage's options on English-like lines
+    (or `lines`), of the recipe's default type or `model_type`, for tests that need a real one
+    (e.g. to export a Hugging Face folder); about a second."""
     import io
 
     import sentencepiece as spm
@@ -168,13 +170,15 @@ def sentencepiece_model(folder: Path, vocab_size: int = 320, seed: int = 0) -> P
     from domainlm.tokenizer.train import trainer_options
 
     rng = random.Random(seed)
-    lines = [line for _ in range(40) for line in document(rng, 80).split("\n") if line]
+    if lines is None:
+        lines = [line for _ in range(40) for line in document(rng, 80).split("\n") if line]
+    cfg = TokenizerConfig() if model_type is None else TokenizerConfig(type=model_type)
     writer = io.BytesIO()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=writer,
-        **trainer_options(TokenizerConfig(), vocab_size, threads=1),
+        **trainer_options(cfg, vocab_size, threads=1),
     )
     path = Path(folder) / "tokenizer.model"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from domainlm.model.gguf import (
 )
 from domainlm.model.llama import Llama, apply_rope
 from domainlm.tokenizer import special
+from domainlm.tokenizer.templates import load_template
 
 QTYPES = ["F16", "BF16", "Q8_0", "Q4_0"]
 T = gguf.GGMLQuantizationType
@@ -180,13 +181,14 @@ def test_metadata(files, sp, qtype, tied):
         "llama.rope.dimension_count": c.head_dim,
         "llama.rope.freq_base": 10000.0,
         "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.bos_token_id": 2,  # documents were trained after </s>
         "tokenizer.ggml.eos_token_id": 2,
         "tokenizer.ggml.unknown_token_id": 0,
         "tokenizer.ggml.padding_token_id": 3,
         "tokenizer.ggml.add_bos_token": False,
         "tokenizer.ggml.add_eos_token": False,
         "tokenizer.ggml.add_space_prefix": False,
+        "tokenizer.ggml.remove_extra_whitespaces": False,
         "tokenizer.chat_template": TEMPLATE,
     }
     assert {k: field(r, k) for k in expected} == expected
@@ -298,4 +300,5 @@ def test_refusals_and_atomic_replacement(tok, sp, tmp_path):
     write_gguf(model, tok, out, "Q8_0")
     assert os.listdir(tmp_path) == ["m.gguf"]  # replaced, no temporary file left
     assert field(gguf.GGUFReader(out), "general.file_type") == 7
-    assert "tokenizer.chat_template" not in gguf.GGUFReader(out).fields
+    # Without a template the file carries the built-in one fine-tuning uses by default.
+    assert field(gguf.GGUFReader(out), "tokenizer.chat_template") == load_template("chat").source

@@ -19,11 +19,12 @@ from domainlm.train.settings import RunSettings, resolve_accelerator
 def train_config(recipe: Recipe, lr: float, steps: int, *, ckpt_every: int | None = None,
                  grad_clip: float | None = None) -> TrainConfig:
     """The train: section as alignment uses it: its precision, betas and clipping, with the
-    method's learning rate and cadences scaled to its (few) steps."""
+    method's learning rate and cadences scaled to its (few) steps; always AdamW (Muon, a
+    pretraining choice, is not used on adapters or a policy: docs/align.md)."""
     a, t = recipe.align, recipe.train
     return dataclasses.replace(
-        t, lr=lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, compile=False,
-        activation_checkpointing=False, val_batches=None,
+        t, optimizer="adamw", lr=lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+        compile=False, activation_checkpointing=False, val_batches=None,
         val_every=max(1, min(t.val_every, steps // 4 or 1)),
         ckpt_every=ckpt_every or max(1, min(t.ckpt_every, steps // 4 or 1)),
         log_every=max(1, min(t.log_every, steps // 20 or 1)),

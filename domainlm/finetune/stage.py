@@ -285,6 +285,7 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
     )
     train_cfg = dataclasses.replace(
         recipe.train,
+        optimizer="adamw",  # Muon is for pretraining's hidden matrices (docs/finetune.md)
         lr=info.lr,
         warmup_steps=ft.warmup_steps,
         weight_decay=ft.weight_decay,

@@ -17,6 +17,30 @@ Tensor types per qtype (norms and other 1-D tensors are always F32, as llama.cpp
 * A matrix whose rows are not a multiple of the 32-value block falls back to F16, as the
   converter does.
 
+The tokenizer is written so that llama.cpp, given text, makes SentencePiece's ids:
+
+* Only a SentencePiece BPE model is exported, as `tokenizer.ggml.model = "llama"`: llama.cpp's
+  SPM tokenizer merges adjacent symbols by the score of their union, highest first, leftmost on
+  a tie, and falls back to bytes, as SentencePiece's BPE does. A unigram model (Viterbi over
+  piece scores) is refused: written as "llama" it is merged by score instead (1.8x the tokens
+  on the demo), and llama.cpp's unigram tokenizer ("t5") has no byte fallback (an unknown
+  character becomes <unk>, SentencePiece writes its UTF-8 bytes) and splits a run of reserved
+  newlines differently, so neither is exact. Train the tokenizer with `tokenizer.type: bpe`.
+* Only identity normalization (what domainlm trains) is exported: llama.cpp's SPM tokenizer
+  does not normalize.
+* bos is id 2 (</s>), the token every document was trained after, and add_bos is false: a text
+  prompt is fed as its SentencePiece ids alone, as `domainlm generate`/`serve` feed it, and the
+  chat template's text as fine-tuning trained it (from the first position, with no token
+  before). A tool that puts a start token before a document (a perplexity run, a rolling
+  log-likelihood) puts the one pretraining did.
+* Every file carries a chat template: the one given (the model's), else the built-in `chat`.
+  llama.cpp reads "<|end|>" as an end-of-generation token by its spelling, so a chat reply ends
+  there as the template's stop string says.
+
+What stays different: text that spells a control piece (<s>, </s>, <pad>, <unk>) is that
+control token in llama.cpp when it parses special tokens (llama-cpp-python does, for every
+prompt), and plain text to SentencePiece.
+
 `read_gguf_model` dequantizes a file written here back into our Llama, so tests can prove
 that the file holds the model.
 """
@@ -35,8 +59,9 @@ from domainlm.errors import UserError
 from domainlm.files import atomic_path
 from domainlm.model.llama import Llama
 from domainlm.recipe.model import LlamaConfig
-from domainlm.tokenizer.hf_files import read_model_proto
-from domainlm.tokenizer.special import SpecialTokens
+from domainlm.tokenizer.hf_files import BPE, read_model_proto
+from domainlm.tokenizer.special import EOS_ID, SpecialTokens
+from domainlm.tokenizer.templates import load_template
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"
 # qtype -> (the type of the matrices, general.file_type)
@@ -98,6 +123,20 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str, tied: bool) 
 def _tokenizer(tokenizer_model: Path, vocab_size: int) -> tuple[list, SpecialTokens, bool]:
     """(pieces as (text, score, type), reserved ids, add_dummy_prefix) for vocab_size tokens."""
     proto = read_model_proto(tokenizer_model)
+    if proto.trainer_spec.model_type != BPE:
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "non-BPE")
+        raise UserError(
+            f"{tokenizer_model} is a SentencePiece {kind} model, which llama.cpp cannot tokenize "
+            "as SentencePiece does (a GGUF of it would read text prompts as other tokens): train "
+            "a BPE tokenizer (`tokenizer.type: bpe`, the default) and the model on it, or export "
+            "formats other than gguf-*"
+        )
+    norm = proto.normalizer_spec
+    if norm.precompiled_charsmap or norm.name not in ("identity", ""):
+        raise UserError(
+            f"{tokenizer_model} normalizes text ({norm.name}), which llama.cpp's SentencePiece "
+            "tokenizer does not: train it with domainlm's tokenizer stage (identity normalization)"
+        )
     ids = SpecialTokens.from_model(
         spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     )
@@ -114,7 +153,7 @@ def _tokenizer(tokenizer_model: Path, vocab_size: int) -> tuple[list, SpecialTok
         (f"[PAD{i}]", PAD_SCORE, gguf.TokenType.UNUSED)
         for i in range(1, vocab_size - len(pieces) + 1)
     ]
-    return pieces, ids, bool(proto.normalizer_spec.add_dummy_prefix)
+    return pieces, ids, bool(norm.add_dummy_prefix)
 
 
 def write_gguf(
@@ -127,7 +166,9 @@ def write_gguf(
 ) -> Path:
     """Write model and tokenizer as one GGUF file of type qtype (F16, BF16, Q8_0 or Q4_0).
 
-    The file is written under a temporary name and renamed into place. Returns out_file.
+    chat_template is the Jinja template the model was fine-tuned with (None: the built-in
+    `chat`, which fine-tuning uses by default). The file is written under a temporary name and
+    renamed into place. Returns out_file.
     """
     if qtype not in QTYPES:
         raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(QTYPES)}")
@@ -156,18 +197,19 @@ def write_gguf(
     w.add_token_list([p[0] for p in pieces])
     w.add_token_scores([p[1] for p in pieces])
     w.add_token_types([p[2] for p in pieces])
-    w.add_bos_token_id(ids.bos_id)
+    # Documents were trained after </s>: it is the start token (see the module docstring).
+    w.add_bos_token_id(EOS_ID)
     w.add_eos_token_id(ids.eos_id)
     w.add_unk_token_id(ids.unk_id)
     w.add_pad_token_id(ids.pad_id)
-    # Our documents are followed by </s> and preceded by nothing (as tokenizer_config.json
-    # says), and domainlm's SentencePiece adds no dummy-prefix space; llama.cpp's defaults
-    # for a "llama" tokenizer are BOS and a space prefix, so all three are spelt out.
+    # Prompts are fed as they are (llama.cpp's defaults for a "llama" tokenizer are a BOS and a
+    # space prefix; domainlm's SentencePiece adds neither), so all three are spelt out.
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(dummy_prefix)
-    if chat_template is not None:
-        w.add_chat_template(chat_template)
+    w.add_remove_extra_whitespaces(False)
+    w.add_chat_template(chat_template if chat_template is not None else
+                        load_template("chat").source)
 
     names = _name_map(config.n_layers)
     tied = config.tie_embeddings

@@ -122,6 +122,12 @@ class RunLayout:
         name = f"model-{gguf_type}.gguf" if gguf_type else fmt
         return self.export / model / name
 
+    @property
+    def interop_report(self) -> Path:
+        """interop.json: scripts/check_interop.py's comparisons with llama.cpp, transformers,
+        peft and the server's clients."""
+        return self.root / "interop.json"
+
     def manifest(self, stage: str) -> Path:
         """The manifest a stage writes last (the plan's is plan.json itself)."""
         if stage == "plan":

@@ -26,11 +26,13 @@ from domainlm.recipe.finetune import FinetuneConfig
 from domainlm.recipe.layout import RunLayout
 from domainlm.recipe.model import ModelConfig
 from domainlm.recipe.stages import (
+    MUON_UNSHARDED,
     EvalConfig,
     ExportConfig,
     PlanConfig,
     TokenizerConfig,
     TrainConfig,
+    muon_strategy_error,
 )
 from domainlm.recipe.sweep import SweepConfig
 
@@ -248,6 +250,9 @@ def _validate(recipe: Recipe, ctx: _Ctx) -> None:
         raise ctx.fail("tokenizer.vocab_size", "must be a multiple of 64 (>= 256), or auto")
     if any(v < 256 or v % 64 for v in t.candidates):
         raise ctx.fail("tokenizer.candidates", "every candidate must be a multiple of 64, >= 256")
+    tr = recipe.train
+    if tr.optimizer == "muon" and tr.strategy in MUON_UNSHARDED:
+        raise ctx.fail("train.optimizer", muon_strategy_error(tr.strategy))
     for i, f in enumerate(c.decontaminate.files):
         if not Path(f).exists():
             raise ctx.fail(f"corpus.decontaminate.files[{i}]", f"no such file: {f}")
