@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -205,14 +206,25 @@ def sweep(recipe: Recipe, stage: str, *, trials: int | None = None) -> dict:
         return min(reporter.losses)
 
     timeout = sw.timeout_minutes * 60 if sw.timeout_minutes else None
+    t0, cpu0 = time.time(), _cpu_seconds()
     study.optimize(objective, n_trials=budget, timeout=timeout, catch=(UserError,))
-    summary = report(recipe, stage, method, study, data, queue if sw.sampler != "grid" else [])
+    cost = {"wall_minutes": round((time.time() - t0) / 60, 1),
+            "cpu_minutes": round((_cpu_seconds() - cpu0) / 60, 1)}
+    summary = report(recipe, stage, method, study, data, queue if sw.sampler != "grid" else [],
+                     cost)
     say(f"sweep: wrote {out}/ (trials.md: every trial; best.yaml: the best recipe)")
     return summary
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def report(recipe: Recipe, stage: str, method: str | None, study, data: dict,
-           baseline: list[dict]) -> dict:
+           baseline: list[dict], cost: dict) -> dict:
     """trials.csv and trials.md (every trial), best.yaml (the recipe with the best values),
     sweep.json (the summary)."""
     from optuna.trial import TrialState
@@ -249,12 +261,13 @@ def report(recipe: Recipe, stage: str, method: str | None, study, data: dict,
     fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# Sweep of `{stage}`" + (f" ({method})" if method else ""), "",
              f"`domainlm sweep --recipe {recipe.path} --stage {stage}`: {len(rows)} trials, "
-             f"{sw.sampler} sampler, {sw.pruner} pruner; value: the trial's best `{BEST}`.", ""]
+             f"{sw.sampler} sampler, {sw.pruner} pruner, {cost['wall_minutes']} minutes "
+             f"({cost['cpu_minutes']} CPU minutes); value: the trial's best `{BEST}`.", ""]
     if sw.fixed:
         lines += ["Every trial: " + ", ".join(f"`{k}: {v}`" for k, v in sw.fixed.items()), ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    summary: dict = {"stage": stage, "method": method, "sampler": sw.sampler,
+    summary: dict = {"stage": stage, "method": method, "sampler": sw.sampler, **cost,
                      "trials": rows, "best": None}
     if best is not None:
         best_data = with_values(data, best.params)
