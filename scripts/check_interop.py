@@ -146,11 +146,18 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
                  f"{path.name}: bits/byte llama.cpp {theirs:.4f} vs ours on the file "
                  f"{ours:.4f} (the fp32 model {src:.4f})")
 
+    # llama.cpp ends every generation at its end-of-generation tokens: eos, and "<|end|>",
+    # which it recognizes by its spelling; ours ends there when told to (a stop string).
+    vocab = llm._model.vocab
+    eog = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    row["end_of_generation"] = [sp.id_to_piece(i) for i in eog]
+    stops = [sp.id_to_piece(i) for i in eog if i != EOS_ID]
     if qtype == "F16":
         prompts = PROMPTS + [d[:60] for d in docs[:4]]
         same = 0
         for p in prompts:
-            want = complete(ours_model, sp, sp.encode(p), SamplingParams(GREEDY_TOKENS)).text
+            want = complete(ours_model, sp, sp.encode(p),
+                            SamplingParams(GREEDY_TOKENS, stop=stops)).text
             got = llm.create_completion(p, max_tokens=GREEDY_TOKENS, temperature=0.0,
                                         repeat_penalty=1.0)["choices"][0]["text"]
             same += report.check(got == want, f"{path.name}: greedy continuation of {p!r}: "
