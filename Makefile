@@ -26,7 +26,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup corpus tokenizer tokens plan pretrain finetune align quantize eval bench test test-fast \
-        lint clean check-interop
+        lint clean check-interop gpu-check
 
 setup: $(STAMP)
 
@@ -83,6 +83,15 @@ check-interop: quantize
 	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || \
 		$(BIN)/pip install --quiet $(FIND_LINKS) llama-cpp-python
 	$(BIN)/python scripts/check_interop.py --recipe $(RECIPE)
+
+# The GPU check (scripts/gpu_check.py): on one H100/H200, short bf16 runs of gpu-125m (eager
+# and compiled) and gpu-1b (FSDP, ZeRO-2/3 on several GPUs; activation checkpointing on one),
+# in at most 8 minutes, without downloads; writes bench/gpu_check.json, which `make bench`
+# renders. Works without the venv (a GPU machine's own Python with torch, lightning, PyYAML and
+# sentencepiece). GPU_CHECK_ARGS=--cpu runs the same path with tiny sizes.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # ruff, and the layers contract of pyproject.toml: no module imports from a layer above it.
 lint: $(STAMP)

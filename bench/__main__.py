@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import sys
 
-from bench import align, corpus, generate, langid, pretrain, serve, tokens
+from bench import align, corpus, efficiency, generate, gpu, langid, pretrain, serve, tokens
 
 SECTIONS = {
     "corpus": corpus.main,
     "langid": langid.main,
     "tokens": tokens.main,
     "pretrain": pretrain.main,
+    "pretrain-muon": pretrain.main_muon,
+    "efficiency": efficiency.main,
     "generate": generate.main,
     "serve": serve.main,
     "align": align.main,
+    "gpu": gpu.main,
 }
 
 

@@ -35,12 +35,13 @@ def main(quick: bool = False) -> None:
     rm = m["reward"]
     rows = []
     for method, r in m["methods"].items():
-        jr, jm = r["judge_rouge"], r["judge_reward"]
+        jr, jo, jm = r["judge"], r["judge_rouge_only"], r["judge_reward"]
         curves = read_curves(layout.align_method(method) / "logs" / "metrics.csv")
         kl = curves.get("train/kl", [(0, None)])[-1][1]
         rows.append([
             method, f"{jr['wins']}/{jr['ties']}/{jr['losses']}", _pct(jr["win_rate"]),
-            _pct(jr["win_rate_ties_half"]), f"{jm['wins']}/{jm['ties']}/{jm['losses']}",
+            _pct(jr["win_rate_ties_half"]), f"{jo['wins']}/{jo['ties']}/{jo['losses']}",
+            f"{jm['wins']}/{jm['ties']}/{jm['losses']}",
             _pct(jm["win_rate"]), "-" if kl is None else f"{kl:.2f}",
             f"{r['pretrain_ppl']:.1f}" if r["pretrain_ppl"] else "-",
             f"{r['train_seconds'] / 60:.1f}",
@@ -60,16 +61,17 @@ def main(quick: bool = False) -> None:
         f"Whole stage: {minutes:.1f} minutes (labeling the demo's samples, the reward model, "
         f"every method, the judging). Preference pairs: {m['counts']['pairs']['train']:,} to "
         f"train, {m['counts']['pairs']['heldout']:,} held out (labeled by a program standing "
-        "in for people: ROUGE-L against the reference answer). Reward model pairwise accuracy: "
+        "in for people: ROUGE-L against the reference answer, ties broken by chrF). Reward "
+        "model pairwise accuracy: "
         f"{rm['accuracy_train']:.3f} train, {rm['accuracy_heldout']:.3f} held out.",
         "",
         f"Against the instruction-tuned model (`sft/{recipe.align.sft_model}`, ROUGE-L "
         f"{sft['rougeL']:.3f}, pretraining-val perplexity {sft['pretrain_ppl']:.1f}) on "
         f"{m['counts']['eval_prompts']} held-out prompts, greedy answers:",
         "",
-        table(["method", "W/T/L (ROUGE-L judge)", "win rate", "ties as half",
-               "W/T/L (reward model)", "win rate", "final KL (nats)", "pretraining-val ppl",
-               "train min"], rows),
+        table(["method", "W/T/L (judge: ROUGE-L, chrF on ties)", "win rate", "ties as half",
+               "W/T/L (ROUGE-L alone)", "W/T/L (reward model)", "win rate", "final KL (nats)",
+               "pretraining-val ppl", "train min"], rows),
     ])
     write_section("align", body)
     print(body)

@@ -111,11 +111,13 @@ def write_tokens(out: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Pa
     return out
 
 
-def train_config(size: Size, log_every: int = 10) -> TrainConfig:
-    """The recipe's defaults (AdamW, warmup + cosine, clip 1.0, log every 10) at this batch."""
+def train_config(size: Size, log_every: int = 10, optimizer: str = "adamw") -> TrainConfig:
+    """The recipe's defaults (AdamW, warmup + cosine, clip 1.0, log every 10) at this batch;
+    optimizer muon: Muon on the hidden matrices with warmup-stable-decay."""
     return TrainConfig(precision=PRECISION, strategy="auto", accelerator="cpu",
                        micro_batch=size.micro_batch, grad_accum=1, seq_len=size.seq_len,
-                       tokens=size.steps * size.tokens_per_step, log_every=log_every)
+                       tokens=size.steps * size.tokens_per_step, log_every=log_every,
+                       optimizer=optimizer, schedule="wsd" if optimizer == "muon" else "cosine")
 
 
 def raw_loop(size: Size, tokens_dir: Path, cfg: TrainConfig, precision: str = PRECISION) -> Run:
@@ -216,6 +218,7 @@ def quiet():
 @dataclass
 class Result:
     size: Size
+    optimizer: str
     raw: list[float]  # timed seconds of each run
     lightning: list[float]
     loss_diff: float  # the largest |raw loss - Lightning loss| over all steps of the first runs
@@ -250,12 +253,12 @@ class Result:
         return self.size.timed * self.size.tokens_per_step / seconds
 
 
-def measure(size: Size, runs: int, work: Path = WORK) -> Result:
+def measure(size: Size, runs: int, work: Path = WORK, optimizer: str = "adamw") -> Result:
     """`runs` raw and `runs` Lightning runs, alternated (and the order flipped every round) so
     that a busy spell on a shared machine slows both alike."""
     tokens = write_tokens(work / f"tokens-{size.name}", size.config.vocab_size,
                           max(300_000, 2 * size.steps * size.tokens_per_step))
-    cfg = train_config(size)
+    cfg = train_config(size, optimizer=optimizer)
     raw: list[Run] = []
     lit: list[Run] = []
     for r in range(runs):
@@ -271,6 +274,7 @@ def measure(size: Size, runs: int, work: Path = WORK) -> Result:
                                           strict=True))
     return Result(
         size,
+        optimizer,
         [x.seconds(size.warmup) for x in raw],
         [x.seconds(size.warmup) for x in lit],
         diff,
@@ -292,7 +296,8 @@ def _fmt_range(values: list[float], fmt: str) -> str:
     return f"{format(min(values), fmt)} - {format(max(values), fmt)}"
 
 
-def report(results: list[Result], runs: int, quick: bool, load: float, seconds: float) -> str:
+def report(results: list[Result], runs: int, quick: bool, load: float, seconds: float,
+           section: str = "pretrain") -> str:
     cores = os.cpu_count() or 1
     shared = f" (more than {cores}: other work shared the cores)" if load > cores else ""
     log_every = train_config(results[0].size).log_every
@@ -304,6 +309,7 @@ def report(results: list[Result], runs: int, quick: bool, load: float, seconds: 
         pairs = [100 * o for o in res.pair_overheads]
         rows.append([
             s.name,
+            res.optimizer,
             f"{c.num_params():,}",
             f"{c.n_layers} x {c.d_model}, {c.n_heads} head(s), ffn {c.ffn_dim}, "
             f"vocab {c.vocab_size}",
@@ -317,7 +323,7 @@ def report(results: list[Result], runs: int, quick: bool, load: float, seconds: 
             f"{res.extra_ms_per_step:+.1f}",
             "0" if res.loss_diff == 0 else f"{res.loss_diff:.1e}",
         ])
-    met = {r.size.name: r.overhead <= TARGET for r in results}
+    met = {f"{r.size.name} {r.optimizer}": r.overhead <= TARGET for r in results}
     if all(met.values()):
         verdict = "met"
     elif not any(met.values()):
@@ -332,16 +338,19 @@ def report(results: list[Result], runs: int, quick: bool, load: float, seconds: 
     else:
         logging_note = f"the timed steps are not a multiple of {log_every}, so logging is not timed"
     header = (
-        f"## Pretraining (`make pretrain`, CPU)\n\nMachine: {machine()}. Commit {commit()}. "
-        f"Command: `python -m bench pretrain{' --quick' if quick else ''}` (median of {runs} "
+        f"## Pretraining (`make pretrain`, CPU{', optimizer: muon' if 'muon' in section else ''})"
+        f"\n\nMachine: {machine()}. Commit {commit()}. "
+        f"Command: `python -m bench {section}{' --quick' if quick else ''}` (median of {runs} "
         f"run(s) of each loop, alternated, {time.strftime('%Y-%m-%d')}; the section took "
         f"{seconds:.0f} s). torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"lightning {L.__version__}. Load average around the runs: {load:.1f}{shared}.\n"
     )
     body = [
         "Both loops train the same decoder from the same seed on the same batches (random "
-        "tokens through `TokenWindows` + `StepSampler`), with bf16-mixed autocast, fused AdamW "
-        "from `make_optimizer`, gradient clipping at 1.0 and the warmup + cosine schedule. "
+        "tokens through `TokenWindows` + `StepSampler`), with bf16-mixed autocast, the optimizer "
+        "from `make_optimizer` (adamw: fused AdamW with the warmup + cosine schedule; muon: "
+        "Muon on the hidden matrices + fused AdamW on the rest, with warmup-stable-decay) and "
+        "gradient clipping at 1.0. "
         "**Raw**: a plain PyTorch loop (forward, backward, clip, step, zero_grad, scheduler "
         "step), nothing logged. **Lightning**: `PretrainModule` + `PretrainData` + the Trainer "
         "as `make pretrain` builds it (bf16-mixed, clip 1.0, `ThroughputBar`, `GracefulStop`, "
@@ -356,7 +365,8 @@ def report(results: list[Result], runs: int, quick: bool, load: float, seconds: 
         "gap of the median runs per optimizer step, which does not shrink as the model "
         "grows.\n",
         table(
-            ["model", "params", "shape", "batch (seqs x tokens)", "steps (warm-up + timed)",
+            ["model", "optimizer", "params", "shape", "batch (seqs x tokens)",
+             "steps (warm-up + timed)",
              "raw tokens/s (range)", "Lightning tokens/s (range)", "overhead (range)",
              "ms/step added", "max loss difference"],
             rows,
@@ -368,8 +378,9 @@ def report(results: list[Result], runs: int, quick: bool, load: float, seconds: 
     return header + "\n" + "\n".join(body)
 
 
-def run(quick: bool = False, sizes: list[Size] | None = None, work: Path = WORK) -> str:
-    runs = 1 if quick else 5
+def run(quick: bool = False, sizes: list[Size] | None = None, work: Path = WORK,
+        optimizer: str = "adamw", runs: int = 5) -> str:
+    runs = 1 if quick else runs
     if sizes is None:
         sizes = SIZES
         if quick:  # a smoke run: every code path, a few steps each
@@ -377,12 +388,20 @@ def run(quick: bool = False, sizes: list[Size] | None = None, work: Path = WORK)
                      for s in SIZES]
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
-    results = [measure(s, runs, work) for s in sizes]
+    results = [measure(s, runs, work, optimizer) for s in sizes]
     load = (load_before + os.getloadavg()[0]) / 2
-    return report(results, runs, quick, load, time.perf_counter() - t0)
+    section = "pretrain" if optimizer == "adamw" else f"pretrain-{optimizer}"
+    return report(results, runs, quick, load, time.perf_counter() - t0, section)
 
 
 def main(quick: bool = False) -> None:
     body = run(quick)
     write_section("pretrain", body)
+    print(body)
+
+
+def main_muon(quick: bool = False) -> None:
+    """The same comparison with optimizer: muon (+ wsd), 3 runs of each loop."""
+    body = run(quick, optimizer="muon", runs=3)
+    write_section("pretrain-muon", body)
     print(body)

@@ -1,4 +1,4 @@
-"""Generation metrics by their reference implementations: ROUGE (rouge-score), BLEU
+"""Generation metrics by their reference implementations: ROUGE (rouge-score), BLEU and chrF
 (sacrebleu), and exact match, every one on the same 0-1 scale."""
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def bleu(references: Sequence[str], predictions: Sequence[str]) -> float:
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
     return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100.0
+
+
+def chrf(reference: str, prediction: str) -> float:
+    """Sentence chrF (character n-gram F-score, sacrebleu's defaults) of one answer, 0-1: it
+    still tells two answers apart when neither shares a whole word with the reference."""
+    import sacrebleu
+
+    return sacrebleu.sentence_chrf(prediction, [reference]).score / 100.0
 
 
 def all_metrics(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:

@@ -11,7 +11,8 @@ import pytest
 from conftest import write_jsonl
 
 from domainlm.align import records
-from domainlm.align.demo import dense_ranks, label
+from domainlm.align.demo import dense_ranks, judge, label
+from domainlm.align.evaluate import Verdicts
 from domainlm.align.records import Preferences, ranking_pairs, read_preferences
 from domainlm.errors import UserError
 
@@ -141,6 +142,23 @@ def test_the_demo_labeler_ranks_by_rouge_with_the_reference_first():
     pairs, ties, _ = ranking_pairs(rec["completions"], rec["ranking"])
     assert ties == 1 and len(pairs) == 5
     assert all(w == "opens a file" or b.startswith("returns the sum of") for b, w in pairs)
+
+
+def test_the_judge_breaks_rouge_ties_by_characters():
+    ref = "Return the absolute value of x."
+    near, far = "Retrun absolte valeu.", "zzz qqq"  # both share no word with the reference
+    assert judge(ref, near)[0] == judge(ref, far)[0] == 0.0
+    assert judge(ref, near)[1] > judge(ref, far)[1]
+    assert judge(ref, ref) == pytest.approx((1.0, 1.0))
+    assert label(ref, [far, near])["ranking"] == [1, 3, 2]
+    # word overlap decides before characters do
+    assert judge(ref, "the value")[0] > 0 and judge(ref, "the value") > judge(ref, near)
+    v = Verdicts()
+    v.add(judge(ref, near), judge(ref, far))   # chrF decides a ROUGE-L tie
+    v.add(judge(ref, far), judge(ref, "the value"))  # ROUGE-L decides
+    v.add(judge(ref, far), judge(ref, far))    # equal on both: a tie
+    v.add(0.5, 0.2)                            # plain scores still work
+    assert (v.wins, v.ties, v.losses) == (2, 1, 1)
 
 
 def test_prompt_keys_are_the_content():

@@ -105,7 +105,8 @@ def test_counts_report_and_every_output(aligned):
         assert f"align: {method}: wins" in output
         assert (layout.align_model(method) / "adapter_config.json").is_file()
         assert (layout.align_merged(method) / "model.safetensors").is_file()
-        assert m["methods"][method]["judge_rouge"]["wins"] >= 0
+        v = m["methods"][method]["judge"]
+        assert v["wins"] + v["ties"] + v["losses"] == m["counts"]["eval_prompts"]
         assert (layout.align_method(method) / "curves.png").is_file()
     report = (layout.align / "report.md").read_text()
     for text in ("## Reward model", "Pairwise accuracy", "| dpo |", "| ppo |", "train/kl",

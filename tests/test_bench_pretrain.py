@@ -23,11 +23,13 @@ def tokens(tmp_path_factory) -> Path:
     return write_tokens(tmp_path_factory.mktemp("bench") / "tokens", 256, 5000)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision, optimizer",
+                         [("32-true", "adamw"), ("bf16-mixed", "adamw"), ("bf16-mixed", "muon")])
 def test_raw_and_lightning_loops_compute_the_same_losses(
-    tokens: Path, tmp_path: Path, precision: str
+    tokens: Path, tmp_path: Path, precision: str, optimizer: str
 ) -> None:
-    cfg = bench_train_config(TINY, log_every=1)  # every step goes through the logging path
+    # every step goes through the logging path
+    cfg = bench_train_config(TINY, log_every=1, optimizer=optimizer)
     raw = raw_loop(TINY, tokens, cfg, precision=precision)
     with quiet():
         lit = lightning_loop(TINY, tokens, cfg, tmp_path / "run", precision=precision)

@@ -27,12 +27,13 @@ from torch import nn
 from domainlm.errors import UserError
 from domainlm.eval.fewshot import classify, continuation_ids, label_logprob, macro_f1
 from domainlm.eval.perplexity import perplexity_by_source
+from domainlm.model.compressed import save_quantized
 from domainlm.model.gguf import write_gguf
 from domainlm.model.hf import save_hf_folder
 from domainlm.model.llama import Llama
 from domainlm.model.load import load_model
 from domainlm.model.peft import add_lora, prepare, save, save_lora
-from domainlm.model.quantized import quantize_model, save_quantized
+from domainlm.model.quantized import quantize_model
 from domainlm.recipe.finetune import (
     AdapterConfig,
     FinetuneConfig,

@@ -90,11 +90,55 @@ def test_eval_stage_writes_metrics_and_report_from_real_outputs(run):
     assert metrics["samples"][0]["text"] == pre["metrics"]["sample"]["text"]
     assert pre["metrics"]["sample"]["text"] in report
 
+    # training: hardware, time, throughput and passes over the data, from the pretrain manifest
+    from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
+
+    windows = len(TokenWindows(TokenArrays(recipe.layout.tokens, "train"), 32))
+    assert metrics["pretrain"]["passes"] == pytest.approx(12 * 4 / windows)
+    assert metrics["pretrain"]["steps"] == 12 and metrics["pretrain"]["hardware"]
+    training = report.split("## Training\n")[1].split("\n## ")[0]
+    assert f"| hardware | {metrics['pretrain']['hardware']} |" in training
+    assert f"| passes over the training data | {12 * 4 / windows:.2f} |" in training
+    assert "tokens/s |" in training and "| training time | " in training
+    # the sections' perplexities differ, and the report says why
+    assert "compare figures within a section only" in report.split("## Why the perplexities")[1]
+    assert "not built: run `make finetune`" in report.split("## Fine-tuning\n")[1]
+
     # second run: nothing to do, files untouched
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = CliRunner().invoke(main, ["eval", "--recipe", str(run)])
     assert again.exit_code == 0 and "up to date" in again.output
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_the_report_shows_the_fine_tuning_results(run):
+    """ROUGE-L and exact match per method, its training time and passes over the data (the
+    last `epoch` of its log), from the finetune stage's manifest and logs."""
+    from domainlm.files import write_json
+
+    recipe = load_recipe(run)
+    layout = recipe.layout
+    score = {"samples": [], "trainable": 1000, "total": 9000, "seconds": 1.0}
+    write_json(layout.manifest("finetune"), {
+        "stage": "finetune",
+        "base": {"name": "base (prompted)", "rougeL": 0.125, "exact_match": 0.0,
+                 "pretrain_ppl": 40.5, **score},
+        "methods": {"lora": {"name": "lora", "rougeL": 0.5, "exact_match": 0.25,
+                             "pretrain_ppl": 41.25, "train_seconds": 12.5, "lr": 1e-3,
+                             **score}},
+    })
+    log = layout.sft_method("lora") / "logs" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch,step,train/loss\n0.5,0,3.0\n1.5,1,2.0\n")
+    res = CliRunner().invoke(main, ["eval", "--recipe", str(run)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((layout.eval / "metrics.json").read_text())
+    assert metrics["finetune"]["lora"] == {"rouge_l": 0.5, "exact_match": 0.25,
+                                           "pretrain_ppl": 41.25, "trainable": 1000,
+                                           "train_seconds": 12.5, "passes": 1.5}
+    section = (layout.eval / "report.md").read_text().split("## Fine-tuning\n")[1]
+    assert "| lora | 0.500 | 0.250 | 41.25 | 1,000 | 12.5 s | 1.50 |" in section
+    assert "| base | 0.125 | 0.000 | 40.50 | 1,000 | - | - |" in section
 
 
 def test_eval_without_corpus_names_the_stage(tmp_path):

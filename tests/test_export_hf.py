@@ -222,8 +222,9 @@ def test_tokenizer_config_and_chat_template(hf_tokenizers):
     assert decoder[str(special.BOS_ID)]["content"] == "<s>" and decoder["1"]["special"] is True
     assert {decoder[str(i)]["content"] for i in CHAT.values()} == set(CHAT)
     assert (folder / "tokenizer.model").read_bytes() == sp.serialized_model_proto()
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
-    assert set(tok.all_special_tokens) >= {"<s>", "</s>", "<pad>", "<unk>", *CHAT}
+    # bos is what precedes a document in training: eos (special.DOCUMENT_START_ID).
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (2, 2, 3, 0)
+    assert set(tok.all_special_tokens) >= {"</s>", "<pad>", "<unk>", *CHAT}  # <s>: added, above
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 42"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -344,7 +345,7 @@ def test_config_and_generation_config(exported):
     _, folder = exported["tied"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 2, 3)
     assert config["torch_dtype"] == config["dtype"] == "float32"
     assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is True
     # config.json says llama; the tokenizer must still be tokenizer.json as written.
@@ -353,8 +354,8 @@ def test_config_and_generation_config(exported):
     assert all(tok.encode(t, add_special_tokens=False) == sp.encode(t) for t in CASES)
     assert tok.chat_template == TEMPLATE and tok.model_max_length == 32
     generation = transformers.GenerationConfig.from_pretrained(folder)
-    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 3)
-    assert generation.max_length == 32
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (2, 2, 3)
+    assert "max_length" not in json.loads((folder / "generation_config.json").read_text())
     names = {p.name for p in folder.iterdir()}
     assert names == {
         "config.json",
@@ -365,6 +366,67 @@ def test_config_and_generation_config(exported):
         "tokenizer.model",
         "tokenizer_config.json",
     }
+
+
+def test_transformers_generate_does_not_warn(exported):
+    """generation_config.json sets nothing that makes generate warn, whichever length the
+    caller gives (a max_length there warned on every max_new_tokens call)."""
+    import logging
+    import warnings
+
+    _, folder = exported["untied"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    idx = torch.tensor([[5, 6, 7]])
+    logger = transformers.utils.logging.get_logger("transformers")
+    for kwargs in ({"max_new_tokens": 4}, {"max_length": 8}, {"max_new_tokens": 3,
+                                                              "do_sample": True}):
+        log = io.StringIO()
+        handler = logging.StreamHandler(log)
+        logger.addHandler(handler)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                theirs.generate(idx, **kwargs)
+        finally:
+            logger.removeHandler(handler)
+        assert [str(w.message) for w in caught] == [] and log.getvalue() == "", kwargs
+
+
+def test_every_folder_carries_a_chat_template(sp_models, tmp_path):
+    """A folder saved without a template (the base model's) still has one for apply_chat_template:
+    the built-in chat template, which the adapters served on it were trained with."""
+    from domainlm.tokenizer.templates import CHAT as BUILTIN_CHAT
+
+    folder = save_hf_folder(tiny_model(tied=True), sp_models["unigram"], tmp_path / "base")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == BUILTIN_CHAT
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_lm_eval_hf_backend_scores_a_text_as_we_do(exported, sp_models):
+    """lm-eval's `hf` backend starts a text with the tokenizer's bos for rolling perplexity; the
+    folder's bos is eos, the token every training document follows, so its log-likelihood of
+    a text equals ours (the text read right after eos)."""
+    import numpy as np
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from domainlm.model.evaluate import evaluate_stream
+
+    model, folder = exported["untied"]
+    lm = HFLM(pretrained=str(folder), device="cpu", batch_size=1, dtype="float32")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    text = "The ledger balances at the end of the quarter."
+    ids = sp.encode(text)
+    assert len(ids) < model.config.max_seq_len  # one window: the same context both ways
+    request = Instance("loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    (theirs,) = lm.loglikelihood_rolling([request])
+    ours = evaluate_stream(model, np.array([special.DOCUMENT_START_ID, *ids]),
+                           model.config.max_seq_len)
+    assert ours.tokens == len(ids)
+    assert theirs == pytest.approx(-ours.nats, abs=1e-3)
 
 
 def test_bf16_export_and_generation_entries(sp_models, tmp_path):

@@ -85,11 +85,15 @@ def test_rolling_short_text_equals_direct_sum_and_our_evaluator(lm):
 
 
 def test_rolling_long_text_matches_our_validation_windows(lm):
-    """Default stride: disjoint windows, exactly pretraining's TokenWindows over eos + text."""
-    ids = [EOS_ID, *lm.sp.encode(TEXT * 2)]
+    """Default stride: disjoint windows, exactly pretraining's TokenWindows over eos + text
+    (a text of whole windows: a last, shorter window gets a full context, as in lm-eval)."""
     L = lm.max_length
+    words = (TEXT + " ") * 6
+    text = next(t for t in (" ".join(words.split()[:k]) for k in range(30, 80))
+                if len(lm.sp.encode(t)) % L == 0)
+    ids = [EOS_ID, *lm.sp.encode(text)]
     assert len(ids) > 3 * L
-    (ll,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", TEXT * 2)])
+    (ll,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", text)])
     direct = sum(
         float(token_logprobs(lm.model, ids[a : a + L + 1]).sum()) for a in range(0, len(ids) - 1, L)
     )

@@ -292,6 +292,42 @@ def test_peft_loads_our_lora_with_the_same_logits(exported, tmp_path, cfg) -> No
             assert (theirs(input_ids=idx).logits - logits(ours, idx)).abs().max() > 1e-3
 
 
+def test_autopeft_loads_our_adapters_from_any_working_directory(exported, tmp_path,
+                                                                 monkeypatch) -> None:
+    """The stages pass the base as a path from the working directory (build/<run>/...); the
+    adapter folder records it absolute, so peft's AutoPeftModelForCausalLM, which reads
+    base_model_name_or_path, finds the base from anywhere (here: another process in /)."""
+    import shutil
+    import subprocess
+    import sys
+
+    base, folder, _, _ = exported
+    shutil.copytree(folder, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    cfg = LoRAConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    ours = copy.deepcopy(base)
+    add_lora(ours, cfg)
+    randomize_lora(ours, "default", seed=3)
+    save_lora(ours, "default", tmp_path / "lora", cfg, base_model="base")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    idx = tokens(length=10)
+    script = (
+        "import sys, json, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()\n"
+        "idx = torch.tensor(json.loads(sys.argv[2]))\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(m(input_ids=idx).logits.tolist()))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lora"),
+                          json.dumps(idx.tolist())], cwd="/", capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = torch.tensor(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert (theirs - logits(ours, idx)).abs().max() <= 1e-4
+
+
 def test_we_load_a_lora_saved_by_peft_with_the_same_logits(exported, tmp_path) -> None:
     base, _, _, hf_model = exported
     config = peft.LoraConfig(

@@ -146,6 +146,13 @@ def test_export_loads_in_transformers_with_equal_logits(trained):
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
     assert diff <= 1e-4
+    # The base folder carries the chat template its fine-tuned adapters are served with, and
+    # bos is the eos that every training document follows.
+    from domainlm.tokenizer.templates import load_template
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == load_template(recipe.finetune.template).source
+    assert hf.config.bos_token_id == tok.bos_token_id == 2 == hf.generation_config.bos_token_id
 
 
 def test_a_second_run_is_up_to_date(trained, capsys):
@@ -225,6 +232,35 @@ def test_changed_recipe_discards_stale_checkpoints(run_root, trained, capsys):
     pretrain(changed, progress=False)
     out = capsys.readouterr().out
     assert "starting afresh" in out and "resuming" not in out
+
+
+@pytest.mark.slow
+def test_logged_epoch_counts_passes_and_the_last_validation_is_logged(run_root):
+    """`epoch` in the logs is passes over the training windows (Lightning's counter would stay
+    0: the whole run is one sampler epoch), and the final weights' validation is the last
+    val/loss point even when val_every does not divide the steps (the plot ends there too)."""
+    from domainlm.eval.stage import read_curves
+    from domainlm.tokenizer.arrays import TokenArrays, TokenWindows
+
+    steps = 30
+    recipe = load_recipe(recipe_copy(run_root, "passes", tokens=4 * 32 * steps, val_every=12,
+                                     log_every=1))
+    manifest = pretrain(recipe, progress=False)
+    windows = len(TokenWindows(TokenArrays(recipe.layout.tokens, "train"), 32))
+    with open(recipe.layout.pretrain / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r.get("train/loss")]
+    assert len(train) == steps
+    for r in train:
+        assert float(r["epoch"]) == pytest.approx((int(r["step"]) + 1) * 4 / windows)
+    assert float(train[-1]["epoch"]) > 0  # Lightning's own counter: 0 for the whole run
+    vals = [(int(r["step"]), float(r["val/loss"]), float(r["epoch"]))
+            for r in rows if r.get("val/loss")]
+    assert [v[0] for v in vals] == [11, 23, steps - 1]
+    assert vals[-1][1] == pytest.approx(manifest["metrics"]["val_loss"], rel=1e-5)
+    assert vals[-1][2] == pytest.approx(steps * 4 / windows)
+    curve = read_curves(recipe.layout.pretrain / "logs" / "metrics.csv")["val/loss"]
+    assert curve[-1][0] == steps - 1
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -1,6 +1,6 @@
 """The demo's preference data, labeled by a program that stands in for people: the
 instruction-tuned model's own samples for the demo's instructions, ranked by ROUGE-L against
-the reference answer, with the reference itself ranked first."""
+the reference answer (ties broken by chrF), with the reference itself ranked first."""
 
 from __future__ import annotations
 
@@ -14,17 +14,20 @@ from domainlm.corpus.mix import unit_hash
 from domainlm.files import atomic_path
 from domainlm.finetune.demo import python_docs_examples
 from domainlm.finetune.records import Example
-from domainlm.metrics import rouge
+from domainlm.metrics import chrf, rouge
 from domainlm.recipe import AlignConfig
 from domainlm.tokenizer.templates import Template
 
 
-def rouge_l(reference: str, prediction: str) -> float:
-    """ROUGE-L F-measure of one answer (0-1): the demo's judge and labeler."""
-    return rouge([reference], [prediction])["rougeL"]
+def judge(reference: str, prediction: str) -> tuple[float, float]:
+    """The demo's programmatic judge and labeler: ROUGE-L F-measure of one answer against the
+    reference (0-1), ties broken by chrF (0-1). Compared as a pair, so word overlap decides and
+    characters speak only where the words are equal (a small model's answers often share no
+    whole word with the reference, and ROUGE-L alone calls most of them ties)."""
+    return rouge([reference], [prediction])["rougeL"], chrf(reference, prediction)
 
 
-def dense_ranks(scores: list[float]) -> list[int]:
+def dense_ranks(scores: list) -> list[int]:
     """Rank 1 for the highest score; equal scores share a rank (a tie)."""
     distinct = sorted(set(scores), reverse=True)
     return [distinct.index(s) + 1 for s in scores]
@@ -32,10 +35,10 @@ def dense_ranks(scores: list[float]) -> list[int]:
 
 def label(reference: str, samples: list[str]) -> dict:
     """One ranked record's completions and ranking: the reference first, then the samples,
-    ranked by ROUGE-L against the reference (the reference scores 1)."""
+    ranked by the judge against the reference (the reference scores best)."""
     completions = [reference, *samples]
     return {"completions": completions,
-            "ranking": dense_ranks([rouge_l(reference, c) for c in completions])}
+            "ranking": dense_ranks([judge(reference, c) for c in completions])}
 
 
 def demo_examples(seed: int, heldout_fraction: float) -> tuple[list[Example], list[Example]]:

@@ -1,6 +1,7 @@
 """How an aligned policy compares with the instruction-tuned model on held-out prompts: greedy
 answers of both, judged by the reward model and by the programmatic judge (ROUGE-L against the
-prompt's best-known reply), and the forgetting (pretraining-validation perplexity)."""
+prompt's best-known reply, ties broken by chrF), and the forgetting (pretraining-validation
+perplexity)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from domainlm.align.demo import judge
 from domainlm.align.reward import RewardModel, score_sequences
 from domainlm.align.sequences import Encoded, EncodedPair
 from domainlm.finetune.evaluate import answers, perplexity
 from domainlm.finetune.records import Example
 from domainlm.finetune.sft_data import encode_example
-from domainlm.metrics import rouge
 from domainlm.tokenizer.templates import Template
 
 
@@ -40,13 +41,17 @@ class Verdicts:
         """Wins plus half the ties, over prompts (AlpacaEval's convention)."""
         return (self.wins + 0.5 * self.ties) / self.n if self.n else float("nan")
 
-    def add(self, a: float, b: float, tol: float = 1e-9) -> None:
-        if a > b + tol:
-            self.wins += 1
-        elif b > a + tol:
-            self.losses += 1
-        else:
-            self.ties += 1
+    def add(self, a, b, tol: float = 1e-9) -> None:
+        """One verdict on two scores, or two tuples of scores compared in order (the first
+        that differs by more than tol decides)."""
+        for x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (a, b)), strict=True):
+            if x > y + tol:
+                self.wins += 1
+                return
+            if y > x + tol:
+                self.losses += 1
+                return
+        self.ties += 1
 
     def to_dict(self) -> dict:
         return {"wins": self.wins, "ties": self.ties, "losses": self.losses,
@@ -56,10 +61,16 @@ class Verdicts:
 @dataclass
 class Answers:
     texts: list[str]
-    rouge_l: list[float]  # each against the prompt's best-known reply
+    judged: list[tuple[float, float]]  # (ROUGE-L, chrF) against the prompt's best-known reply
     rewards: list[float]  # the reward model's score of prompt + answer
     ppl: float | None = None
     samples: list[dict] = field(default_factory=list)
+
+    def means(self) -> dict:
+        n = max(len(self.judged), 1)
+        return {"rougeL": sum(j[0] for j in self.judged) / n,
+                "chrF": sum(j[1] for j in self.judged) / n,
+                "reward": sum(self.rewards) / n, "pretrain_ppl": self.ppl}
 
 
 def encode_answer(sp, template: Template, messages: list[dict], answer: str,
@@ -75,7 +86,7 @@ def answer_prompts(model: nn.Module, sp, template: Template, prompts: list[list[
     """Greedy answers (the serving path's decoding) and what the judges think of them."""
     texts = [template.render(m, add_generation_prompt=True) for m in prompts]
     got = answers(model, sp, texts, max_new_tokens, template.stop or "")
-    scores = [rouge([r], [a])["rougeL"] for r, a in zip(references, got, strict=True)]
+    scores = [judge(r, a) for r, a in zip(references, got, strict=True)]
     seqs = [encode_answer(sp, template, m, a, max_seq_len)[0] for m, a in
             zip(prompts, got, strict=True)]
     rewards = score_sequences(rm, seqs).tolist() if seqs else []
@@ -87,18 +98,17 @@ def answer_prompts(model: nn.Module, sp, template: Template, prompts: list[list[
 
 def compare(policy: Answers, sft: Answers) -> dict:
     """Verdicts of both judges, policy against the instruction-tuned model, prompt by prompt."""
-    by_rouge, by_reward = Verdicts(), Verdicts()
-    for a, b in zip(policy.rouge_l, sft.rouge_l, strict=True):
-        by_rouge.add(a, b)
+    by_judge, by_rouge, by_reward = Verdicts(), Verdicts(), Verdicts()
+    for a, b in zip(policy.judged, sft.judged, strict=True):
+        by_judge.add(a, b)
+        by_rouge.add(a[0], b[0])
     for a, b in zip(policy.rewards, sft.rewards, strict=True):
         by_reward.add(a, b, tol=1e-6)
-    n = max(len(policy.rouge_l), 1)
     return {
-        "judge_rouge": by_rouge.to_dict(),
+        "judge": by_judge.to_dict(),
+        "judge_rouge_only": by_rouge.to_dict(),
         "judge_reward": by_reward.to_dict(),
-        "rougeL": sum(policy.rouge_l) / n,
-        "reward": sum(policy.rewards) / n,
-        "pretrain_ppl": policy.ppl,
+        **policy.means(),
     }
 
 

@@ -98,7 +98,7 @@ def write_report(path: Path, recipe: Recipe, m: dict) -> None:
     if any(s.kind == "python-docs" for s in a.data):
         lines += ["The python-docs preferences are labeled by a program that stands in for "
                   "people: the instruction-tuned model's samples ranked by ROUGE-L against the "
-                  "reference answer, the reference ranked first.", ""]
+                  "reference answer (ties broken by chrF), the reference ranked first.", ""]
     rm = m["reward"]
     lines += ["## Reward model", "",
               f"Pairwise accuracy: train {_f(rm['accuracy_train'])}, held out "
@@ -113,20 +113,23 @@ def write_report(path: Path, recipe: Recipe, m: dict) -> None:
     sft = m["sft"]
     lines += ["## Against the instruction-tuned model on held-out prompts", "",
               f"{m['counts']['eval_prompts']} held-out prompts, greedy answers. Programmatic "
-              "judge: ROUGE-L against the prompt's best-known reply; reward-model judge: the "
-              "reward model's score. Win rate: prompts won over all (ties count as half in "
-              "the second figure). Forgetting: pretraining-validation perplexity.", "",
-              "| model | ROUGE-L | win rate (ROUGE-L) | W/T/L | win rate (reward model) | "
-              "W/T/L | mean reward | pretraining-val ppl | train s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-              f"| instruction-tuned ({a.sft_model}) | {_f(sft['rougeL'])} | - | - | - | - | "
+              "judge: ROUGE-L against the prompt's best-known reply, ties broken by chrF "
+              "(W/T/L by ROUGE-L alone in brackets); reward-model judge: the reward model's "
+              "score. Win rate: prompts won over all (ties count as half in the second figure)."
+              " Forgetting: pretraining-validation perplexity.", "",
+              "| model | ROUGE-L | chrF | win rate (judge) | W/T/L (ROUGE-L alone) | "
+              "win rate (reward model) | W/T/L | mean reward | pretraining-val ppl | train s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| instruction-tuned ({a.sft_model}) | {_f(sft['rougeL'])} | "
+              f"{_f(sft.get('chrF'))} | - | - | - | - | "
               f"{_f(sft['reward'])} | {_f(sft['pretrain_ppl'], '.2f')} | - |"]
     for method, r in m["methods"].items():
-        jr, jm = r["judge_rouge"], r["judge_reward"]
+        jr, jo, jm = r["judge"], r["judge_rouge_only"], r["judge_reward"]
         lines.append(
-            f"| {method} | {_f(r['rougeL'])} | {_f(jr['win_rate'], '.1%')} "
+            f"| {method} | {_f(r['rougeL'])} | {_f(r['chrF'])} | {_f(jr['win_rate'], '.1%')} "
             f"({_f(jr['win_rate_ties_half'], '.1%')}) | {jr['wins']}/{jr['ties']}/"
-            f"{jr['losses']} | {_f(jm['win_rate'], '.1%')} "
+            f"{jr['losses']} ({jo['wins']}/{jo['ties']}/{jo['losses']}) | "
+            f"{_f(jm['win_rate'], '.1%')} "
             f"({_f(jm['win_rate_ties_half'], '.1%')}) | {jm['wins']}/{jm['ties']}/"
             f"{jm['losses']} | {_f(r['reward'])} | {_f(r['pretrain_ppl'], '.2f')} | "
             f"{r['train_seconds']} |")

@@ -73,7 +73,7 @@ def save_reward_model(model: RewardModel, tokenizer_model: Path, out: Path,
     if lora_layers(backbone):
         backbone = merged(backbone, "default")
     cfg = backbone.config
-    config = cfg.to_hf_dict(special.BOS_ID, special.EOS_ID, special.PAD_ID)
+    config = cfg.to_hf_dict(special.DOCUMENT_START_ID, special.EOS_ID, special.PAD_ID)
     config |= {
         "architectures": [ARCHITECTURE],
         "num_labels": 1,

@@ -62,6 +62,8 @@ def align_stage(recipe: Recipe) -> Stage:
                   ("precision", "accelerator", "betas", "eps", "grad_clip", "log_every",
                    "ckpt_every", "val_every", "min_lr_ratio", "schedule")},
     }
+    if recipe.train.early_stopping.patience:  # off: the fingerprint of earlier runs stands
+        params["train"]["early_stopping"] = dataclasses.asdict(recipe.train.early_stopping)
     return Stage("align", layout.manifest("align"), inputs, params, STAGE_VERSION,
                  outputs=[layout.align / "report.md"], hashes=layout.hashes)
 
@@ -169,10 +171,7 @@ def _align(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> dic
     refs_text = [r for _, r in data.eval_prompts]
     kw = dict(max_new_tokens=a.max_new_tokens, max_seq_len=a.max_seq_len, windows=windows)
     sft_answers = answer_prompts(sft, sp, template, prompts, refs_text, rm, **kw)
-    n = max(len(prompts), 1)
-    results: dict = {"sft": {"rougeL": sum(sft_answers.rouge_l) / n,
-                             "reward": sum(sft_answers.rewards) / n,
-                             "pretrain_ppl": sft_answers.ppl}}
+    results: dict = {"sft": sft_answers.means()}
 
     refs = None
     if {"dpo", "ipo"} & set(a.methods):
@@ -191,8 +190,8 @@ def _align(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> dic
         got = answer_prompts(policy, sp, template, prompts, refs_text, rm, **kw)
         methods[method] = {**info, **compare(got, sft_answers), "samples": got.samples}
         r = methods[method]
-        say(f"align: {method}: wins {r['judge_rouge']['win_rate']:.1%} of held-out prompts by "
-            f"ROUGE-L, {r['judge_reward']['win_rate']:.1%} by the reward model "
+        say(f"align: {method}: wins {r['judge']['win_rate']:.1%} of held-out prompts by "
+            f"ROUGE-L (chrF on ties), {r['judge_reward']['win_rate']:.1%} by the reward model "
             f"({info['train_seconds']} s)")
     manifest = {"counts": data.counts, "reward": rm_info, "sft": results["sft"],
                 "methods": methods, "minutes": round((time.time() - t0) / 60, 2)}

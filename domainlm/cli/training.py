@@ -69,3 +69,33 @@ def quantize(recipe: Path, force: bool) -> None:
     from domainlm.recipe import load_recipe
 
     run(load_recipe(recipe), force=force)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@main.command("sweep")
+@recipe_option
+@click.option(
+    "--stage",
+    type=click.Choice(["pretrain", "finetune", "align"]),
+    required=True,
+    help="The stage whose trials the sweep runs (its earlier stages must be built).",
+)
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Trials at most (default: sweep.trials).")
+@_friendly
+def sweep(recipe: Path, stage: str, trials: int | None) -> None:
+    """Search the recipe fields named in its sweep: section with short trials of one stage.
+
+    Each trial is a run of the stage in its own folder, build/<run>/sweep/trials/trial-NNN/
+    (the run's own outputs are never touched), with the sampled values and sweep.fixed
+    applied; its value is its best validation loss. Optuna samples (sweep.sampler: grid,
+    random or tpe) and prunes trials whose validation loss falls behind the median of the
+    others (sweep.pruner). Writes build/<run>/sweep/trials.md and trials.csv (every trial)
+    and best.yaml (the recipe with the best values, which `load_recipe` and every stage read).
+    """
+    from domainlm.recipe import load_recipe
+    from domainlm.sweep.run import sweep as run
+
+    run(load_recipe(recipe), stage, trials=trials)

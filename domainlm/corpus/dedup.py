@@ -145,11 +145,12 @@ class MinHasher:
         if not sets:
             return out
         a, b = self.params()
-        # Chunks of about 64K shingles: one numpy call per chunk, a few MB of scratch memory.
+        # Chunks of about 8K shingles: one numpy call per chunk, and the num_perm x 8K scratch
+        # (4 MB) stays in cache; 64K-shingle chunks (32 MB) ran three times slower.
         start = 0
         while start < len(sets):
             stop, total = start, 0
-            while stop < len(sets) and (total == 0 or total + sets[stop].size <= 65536):
+            while stop < len(sets) and (total == 0 or total + sets[stop].size <= 8192):
                 total += sets[stop].size
                 stop += 1
             x = np.concatenate(sets[start:stop])

@@ -4,7 +4,8 @@ lm-eval finds models only in its own registry (it scans no entry points), so thi
 be imported before its CLI runs; the `domainlm-lm-eval` console script does that and then runs
 lm-eval's CLI with the same arguments:
 
-    domainlm-lm-eval --model domainlm --model_args pretrained=build/demo/export/hf --tasks ...
+    domainlm-lm-eval --model domainlm \\
+        --model_args pretrained=build/demo/export/base/hf-bf16 --tasks ...
 
 From Python, `import domainlm.eval.harness` and call `lm_eval.simple_evaluate(model="domainlm",
 model_args="pretrained=...")`, or pass a `DomainLM(...)` instance as the model.
@@ -27,7 +28,7 @@ from lm_eval.api.registry import register_model
 
 from domainlm.errors import UserError
 from domainlm.model.decode import SamplingParams, complete
-from domainlm.model.hf import load_hf_folder
+from domainlm.model.load import load_model
 from domainlm.tokenizer.special import EOS_ID, PAD_ID
 
 DEFAULT_GEN_TOKS = 256
@@ -56,7 +57,7 @@ class DomainLM(LM):
             # lm-eval's CLI asks for cuda unless told otherwise; a CPU machine still runs.
             log.warning("device %s is not available; evaluating on the CPU", device)
             self._device = torch.device("cpu")
-        self.model = load_hf_folder(folder).to(self._device)
+        self.model = load_model(folder).to(self._device)  # float or int8/int4 folder
         self.sp = spm.SentencePieceProcessor(model_file=str(tok))
         limit = self.model.config.max_seq_len
         self.max_length = min(int(max_length), limit) if max_length else limit

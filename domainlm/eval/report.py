@@ -10,8 +10,11 @@ SECTIONS = (
     "Corpus",
     "Tokenizer",
     "Plan versus training",
+    "Training",
     "Loss curves",
+    "Fine-tuning",
     "Perplexity before and after fine-tuning",
+    "Why the perplexities differ",
     "Quantization",
     "Sample generations",
 )
@@ -99,6 +102,68 @@ def _plan(p) -> list[str]:
     return lines + [""]
 
 
+def _training(p) -> list[str]:
+    if p is None:
+        return _not_built("pretrain")
+    rows = [
+        ("hardware", p.get("hardware") or "-"),
+        ("optimizer steps", _f(p.get("steps"))),
+        ("tokens trained", _f(p.get("tokens"))),
+        ("passes over the training data", _f(p.get("passes"), ".2f")),
+        ("training time", "-" if p.get("train_seconds") is None
+         else f"{p['train_seconds']:,.1f} s"),
+        ("throughput", "-" if p.get("tokens_per_s") is None
+         else f"{p['tokens_per_s']:,.0f} tokens/s"),
+        ("model FLOP utilization", "-" if p.get("mfu") is None else f"{p['mfu']:.1%}"),
+    ]
+    lines = ["| pretraining | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
+    return lines + ["", "Throughput and MFU are Lightning's, over the last logged steps; the "
+                    "logged `epoch` is passes over the training data.", ""]
+
+
+def _finetune(f) -> list[str]:
+    if f is None:
+        return _not_built("finetune")
+    lines = ["Held-out instructions, greedy answers scored against the reference (0-1).", "",
+             "| method | ROUGE-L | exact match | pretraining-val perplexity | trainable "
+             "parameters | training time | passes over the data |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in f.items():
+        seconds = "-" if r["train_seconds"] is None else f"{r['train_seconds']:,.1f} s"
+        lines.append(f"| {name} | {_f(r['rouge_l'])} | {_f(r['exact_match'])} | "
+                     f"{_f(r['pretrain_ppl'], '.2f')} | {_f(r['trainable'])} | {seconds} | "
+                     f"{_f(r['passes'], '.2f')} |")
+    return lines + ["", "`base`: the pretrained model before fine-tuning, answering with the "
+                    "same template.", ""]
+
+
+def _why(m) -> list[str]:
+    first = next(iter(m["perplexity"].values())) if m.get("perplexity") else {}
+    return [
+        "The same model gets a different perplexity in each section because each section "
+        "scores different tokens in a different way; compare figures within a section only.",
+        "",
+        "- **Plan versus training** (pretrain val loss): the token arrays' validation split, "
+        "documents packed back to back and cut into windows of the training `seq_len` that "
+        "cross document boundaries (as training reads them); every window read with a fresh "
+        "context; fp32; the whole split. The last point of the val/loss curve is this value.",
+        "- **Perplexity before and after fine-tuning**: each source's documents on their own, "
+        "each after an eos, up to the first "
+        f"{_f(first.get('max_tokens'))}"
+        " tokens per source, windows of the model's context (capped at the training "
+        "`seq_len`); the overall row weights the sources by their tokens, not by the split's "
+        "mixture.",
+        "- **Quantization**: the first `export.eval_tokens` tokens of the validation split in "
+        "windows of min(context, 256) tokens, with every format, the reference included, run "
+        "in bf16 (or in the format's own precision), so a format's figure is comparable with "
+        "the bf16 reference beside it only.",
+        "- **Fine-tuning**'s pretraining-val perplexity (the forgetting column): the token "
+        "arrays' validation split as in the first item, in windows of the fine-tuning "
+        "`seq_len`, the same for every method.",
+        "",
+    ]
+
+
 def _curves(c) -> list[str]:
     if not c:
         return _not_built("pretrain")
@@ -173,8 +238,11 @@ def render(recipe: Recipe, m: dict) -> str:
         _corpus(m["corpus"]),
         _tokenizer(m["tokenizer"]),
         _plan(m["plan"]),
+        _training(m["pretrain"]),
         _curves(m["curves"]),
+        _finetune(m.get("finetune")),
         _perplexity(m["perplexity"], m["pretrain"], m["finetuned"]),
+        _why(m),
         _quant(m["quantization"]),
         _samples(m["samples"]),
     ]

@@ -196,6 +196,40 @@ def groups(sources: dict[str, dict], general: list[str]) -> dict[str, dict]:
     return out
 
 
+def last_logged(csv_path: Path, key: str) -> float | None:
+    """The last value of a column in a Lightning metrics.csv (None when absent)."""
+    if not csv_path.is_file():
+        return None
+    value = None
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get(key) not in (None, ""):
+                value = float(row[key])
+    return value
+
+
+def _finetune(recipe: Recipe, sft: dict | None) -> dict | None:
+    """Per fine-tuning method (and the base before it): ROUGE-L, exact match, the forgetting
+    column, training time and passes over the instruction data, from the finetune manifest and
+    each method's log."""
+    if sft is None:
+        return None
+    out = {}
+    for name, entry in {"base": sft.get("base"), **sft.get("methods", {})}.items():
+        if not entry:
+            continue
+        log = recipe.layout.sft_method(name) / "logs" / "metrics.csv"
+        out[name] = {
+            "rouge_l": entry.get("rougeL"),
+            "exact_match": entry.get("exact_match"),
+            "pretrain_ppl": entry.get("pretrain_ppl"),
+            "trainable": entry.get("trainable"),
+            "train_seconds": entry.get("train_seconds"),
+            "passes": last_logged(log, "epoch") if name != "base" else None,
+        }
+    return out
+
+
 def _samples(pre: dict | None, sft: dict | None) -> list[dict]:
     out = []
     if pre is not None and pre.get("metrics", {}).get("sample"):
@@ -242,8 +276,10 @@ def _evaluate(recipe: Recipe, folders: dict[str, Path], max_tokens: int) -> dict
         "plan": _plan(recipe, pre),
         "pretrain": None if pre is None else {
             k: pre.get("metrics", {}).get(k)
-            for k in ("val_loss", "val_ppl", "val_bpb", "unigram_baseline", "train_seconds")
+            for k in ("val_loss", "val_ppl", "val_bpb", "unigram_baseline", "train_seconds",
+                      "steps", "tokens", "tokens_per_s", "mfu", "passes", "hardware")
         },
+        "finetune": _finetune(recipe, sft),
         "curves": _curves(recipe, out),
         "perplexity": _perplexity(recipe, folders, pre, max_tokens, say) if folders else None,
         "finetuned": bool(sft) and any(k != "base" for k in folders),

@@ -15,7 +15,7 @@ from domainlm.recipe import Recipe
 from domainlm.recipe.layout import ALIGN_METHODS
 from domainlm.stage import Stage, file_inputs, run_stage
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: int8/int4 folders in compressed-tensors format
 TARGETS = {"int8": 0.01, "int4": 0.05, "gguf-q8_0": 0.01, "gguf-q4_0": 0.05}
 GGUF_TYPES = {"gguf-f16": "F16", "gguf-bf16": "BF16", "gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0"}
 
@@ -82,10 +82,11 @@ def _export(recipe: Recipe, folders: dict[str, Path]) -> dict:
     """The stage's work: each model in each format, written and measured; the report."""
     import torch
 
+    from domainlm.model.compressed import save_quantized
     from domainlm.model.gguf import write_gguf
     from domainlm.model.hf import save_hf_folder
     from domainlm.model.load import load_model
-    from domainlm.model.quantized import quantize_model, save_quantized
+    from domainlm.model.quantized import quantize_model
     from domainlm.tokenizer.templates import load_template
 
     say = click.echo
@@ -112,8 +113,11 @@ def _export(recipe: Recipe, folders: dict[str, Path]) -> dict:
                 runs = _as(load_model(target), getattr(torch, dtype))
             elif fmt in ("int8", "int4"):
                 bits = 8 if fmt == "int8" else 4
-                qmodel = quantize_model(model, bits, cfg.group_size)
-                save_quantized(qmodel, target, tokenizer_model, bits, cfg.group_size)
+                # Codes from the fp32 weights; scales and the float parts (embedding, norms,
+                # head) in bf16, as servers hold them: the file is exactly the model measured.
+                qmodel = quantize_model(model, bits, cfg.group_size).to(torch.bfloat16)
+                save_quantized(qmodel, target, tokenizer_model, bits, cfg.group_size,
+                               chat_template=template)
                 runs = qmodel
             else:
                 # A folder without a template (the base) gets the recipe's: the one a chat

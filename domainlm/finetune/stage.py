@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from domainlm.errors import UserError
-from domainlm.files import hash_json, read_json, write_json, write_text
+from domainlm.files import hash_json, write_text
 from domainlm.recipe import FinetuneConfig, Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
 from domainlm.tokenizer.templates import load_template
@@ -21,6 +21,7 @@ from domainlm.train.loop import (
     checkpoint_dir,
     drop_previous_checkpoints,
     kept_csv_log,
+    restore_best,
 )
 
 STAGE_VERSION = 1
@@ -88,6 +89,8 @@ def finetune_stage(recipe: Recipe) -> Stage:
     if Path(ft.template).is_file():
         inputs["finetune.template"] = Path(ft.template)
     train = {k: getattr(recipe.train, k) for k in ("precision", "accelerator", "devices")}
+    if recipe.train.early_stopping.patience:  # off: the fingerprint of earlier runs stands
+        train["early_stopping"] = dataclasses.asdict(recipe.train.early_stopping)
     return Stage(
         "finetune",
         layout.manifest("finetune"),
@@ -192,13 +195,18 @@ def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> 
                 f"finetune: qlora: the 4-bit base's linear layers take "
                 f"{base_memory_bytes(model):,} bytes"
             )
-        train_seconds = _train(
+        train_seconds, best = _train(
             recipe, method, model, info, mixture, val_pairs, seq_len, fingerprint, force, progress
         )
+        if best:
+            ran = "stopped" if best["stopped_early"] else "ran"
+            say(
+                f"finetune: {method}: early stopping: {ran} at step {best['last_step']}; "
+                f"keeping step {best['best_step']} "
+                f"(validation loss {best['best_val_loss']:.4f})"
+            )
         folder = layout.sft_model(method)
-        save(model, method, folder, ft, str(base_dir), tokenizer_model)
-        if chat_template and (folder / "tokenizer_config.json").exists():
-            _set_chat_template(folder, chat_template)
+        save(model, method, folder, ft, str(base_dir), tokenizer_model, chat_template)
         if method == "lora":
             save_hf_folder(
                 merged(model, "default"),
@@ -210,6 +218,8 @@ def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> 
         s.trainable, s.total = info.trainable, info.total
         rows.append(s)
         methods[method] = {**s.to_dict(), "train_seconds": train_seconds, "lr": info.lr}
+        if best:
+            methods[method]["early_stopping"] = best
         say(
             f"finetune: {method}: ROUGE-L {s.rouge_l:.3f}, EM {s.exact_match:.3f}"
             + (f", pretraining-val perplexity {s.pretrain_ppl:.2f}" if s.pretrain_ppl else "")
@@ -224,15 +234,10 @@ def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> 
     }
 
 
-def _set_chat_template(folder: Path, chat_template: str) -> None:
-    path = folder / "tokenizer_config.json"
-    cfg = read_json(path)
-    cfg["chat_template"] = chat_template
-    write_json(path, cfg)
-
-
-def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, progress) -> float:
-    """Train one method with the pretraining Trainer; resumable like pretraining."""
+def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, progress):
+    """Train one method with the pretraining Trainer; resumable like pretraining. Returns the
+    seconds it took and, with train.early_stopping, what restore_best says (the model then
+    holds the weights of the best validation)."""
     import lightning as L
 
     from domainlm.finetune.sft_data import SFTData, steps_for
@@ -271,6 +276,7 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
     )
     train_cfg = dataclasses.replace(
         recipe.train,
+        optimizer="adamw",  # Muon is for pretraining's hidden matrices (docs/finetune.md)
         lr=info.lr,
         warmup_steps=ft.warmup_steps,
         weight_decay=ft.weight_decay,
@@ -292,7 +298,8 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
         fused_optimizer=settings.precision != "16-mixed",
     )
     trainer, _, stop = build_trainer(
-        settings, train_cfg, out, module, has_val=bool(val_pairs), progress=progress
+        settings, train_cfg, out, module, has_val=bool(val_pairs), progress=progress,
+        early_stopping=recipe.train.early_stopping,
     )
     t = time.time()
     with kept_csv_log(out / "logs" / "metrics.csv"):
@@ -302,5 +309,7 @@ def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, 
             f"fine-tuning ({method}) stopped ({stop.requested}) at step {trainer.global_step} of "
             f"{steps}, checkpoint {ckpt_dir / 'last.ckpt'}: run `make finetune` again to continue"
         )
+    seconds = round(time.time() - t, 1)
+    best = restore_best(trainer, module)
     drop_previous_checkpoints(out)
-    return round(time.time() - t, 1)
+    return seconds, best

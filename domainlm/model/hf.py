@@ -20,8 +20,10 @@ from domainlm.errors import UserError
 from domainlm.files import atomic_dir, read_json, write_json
 from domainlm.model.llama import Llama
 from domainlm.recipe.model import LlamaConfig
+from domainlm.tokenizer import special
 from domainlm.tokenizer.hf_files import read_model_proto, write_tokenizer_files
 from domainlm.tokenizer.special import SpecialTokens
+from domainlm.tokenizer.templates import CHAT
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -66,14 +68,15 @@ def save_hf_folder(
 
     The folder is built beside `out` and renamed into place, replacing any folder there, so a
     killed export never leaves a half-written model. `generation` entries (temperature,
-    eos_token_id lists, ...) are added to generation_config.json. Returns `out`.
+    eos_token_id lists, ...) are added to generation_config.json; without `chat_template` the
+    folder carries the built-in chat template (write_metadata). Returns `out`.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original
     torch_dtype = _dtype(dtype)
     tokenizer_model, out = Path(tokenizer_model), Path(out)
     proto = read_model_proto(tokenizer_model)  # a missing or broken file fails before any work
     sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    ids = SpecialTokens.from_model(sp)
+    SpecialTokens.from_model(sp)  # the reserved pieces sit at the ids the configs name
     config = model.config
     if config.vocab_size < sp.get_piece_size():
         raise UserError(
@@ -82,24 +85,48 @@ def save_hf_folder(
         )
 
     with atomic_dir(out) as tmp:
-        write_json(
-            tmp / "config.json", config.to_hf_dict(ids.bos_id, ids.eos_id, ids.pad_id, dtype)
-        )
         save_file(_weights(model, torch_dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        write_json(
-            tmp / "generation_config.json",
-            {
-                "bos_token_id": ids.bos_id,
-                "eos_token_id": ids.eos_id,
-                "pad_token_id": ids.pad_id,
-                "max_length": config.max_seq_len,
-                **(generation or {}),
-            },
-        )
-        write_tokenizer_files(
-            tokenizer_model, tmp, chat_template, model_max_length=config.max_seq_len
-        )
+        write_metadata(tmp, config, tokenizer_model, dtype, chat_template, generation)
     return out
+
+
+def write_metadata(
+    folder: Path,
+    config: LlamaConfig,
+    tokenizer_model: Path,
+    dtype: str,
+    chat_template: str | None = None,
+    generation: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
+) -> None:
+    """config.json, generation_config.json and the tokenizer files of every model folder (float
+    or quantized): the one place their ids, chat template and generation defaults are set.
+
+    bos is the token that precedes a document in training (special.DOCUMENT_START_ID, eos), so
+    tools that start a text with bos score it as we do. The chat template is the built-in one
+    unless given. generation_config.json sets no length: transformers' generate warns when a
+    caller's max_new_tokens meets a max_length there, and a max_new_tokens there overrides (with
+    a warning) a caller's max_length; the caller chooses, as transformers recommends.
+    """
+    hf = config.to_hf_dict(special.DOCUMENT_START_ID, special.EOS_ID, special.PAD_ID, dtype)
+    if quantization is not None:
+        hf["quantization_config"] = quantization
+    write_json(folder / "config.json", hf)
+    write_json(
+        folder / "generation_config.json",
+        {
+            "bos_token_id": special.DOCUMENT_START_ID,
+            "eos_token_id": special.EOS_ID,
+            "pad_token_id": special.PAD_ID,
+            **(generation or {}),
+        },
+    )
+    write_tokenizer_files(
+        tokenizer_model,
+        folder,
+        CHAT if chat_template is None else chat_template,
+        model_max_length=config.max_seq_len,
+    )
 
 
 # ------------------------------------------------------------------------------------ loading

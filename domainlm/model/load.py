@@ -12,16 +12,16 @@ from torch import nn
 
 from domainlm.errors import UserError
 from domainlm.files import read_json
+from domainlm.model.compressed import load_quantized
 from domainlm.model.gguf import read_gguf_model
 from domainlm.model.hf import load_hf_folder
 from domainlm.model.llama import Llama
 from domainlm.model.peft.methods import load
-from domainlm.model.quantized import load_quantized
 
 EXPECTED = (
-    "a Hugging Face model folder (config.json + model.safetensors), a quantized folder "
-    "(config.json with a quantization_config), a .gguf file, or an adapter folder "
-    "(adapter_config.json + adapter_model.safetensors)"
+    "a Hugging Face model folder (config.json + model.safetensors), an int8/int4 folder "
+    "(compressed-tensors W8A16/W4A16, as `make quantize` writes), a .gguf file, or an adapter "
+    "folder (adapter_config.json + adapter_model.safetensors)"
 )
 
 # adapter_config.json type (peft_type, or our domainlm_type) -> domainlm.model.peft method
@@ -66,7 +66,8 @@ def load_model(path: Path, base: Path | nn.Module | None = None) -> nn.Module:
     - a folder with adapter_config.json: the adapter on its base, which is `base` (a path
       load_model reads, or a loaded Llama, left untouched) or else the folder's
       base_model_name_or_path; LORA -> lora, PROMPT_TUNING -> prompt, bottleneck -> adapter;
-    - a folder whose config.json has a quantization_config: load_quantized;
+    - a folder whose config.json has a quantization_config: load_quantized (compressed-tensors
+      int8/int4);
     - a folder with config.json: load_hf_folder;
     - a file ending in .gguf: read_gguf_model (dequantized to float32).
     Anything else is a UserError naming the path and what was expected.

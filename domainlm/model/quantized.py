@@ -1,5 +1,7 @@
 """Weight-only quantization of the decoder's block projections (int8 per output channel, int4 in
-groups along each row), a forward that runs on the CPU, and a safetensors folder for the result.
+groups along each row, both symmetric) and a forward that runs on the CPU. The arithmetic is
+compressed-tensors' (W8A16 / W4A16), so model/compressed.py writes the codes and scales as they
+are into the folder transformers and vLLM load.
 
 Why not torchao (0.18.0, tried on torch 2.13 CPU): it installs without pulling anything (its
 compiled extensions are CUDA-only and fail to load, with a warning), and Int8WeightOnlyConfig runs
@@ -16,23 +18,14 @@ dequantize-then-matmul as the reference.
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from domainlm.errors import UserError
-from domainlm.files import atomic_dir, read_json, write_json
-from domainlm.model.llama import Llama, RotaryEmbedding
-from domainlm.recipe.model import LlamaConfig
-from domainlm.tokenizer.hf_files import read_model_proto, write_tokenizer_files
-from domainlm.tokenizer.special import SpecialTokens
+from domainlm.model.llama import Llama
 
 # Every projection of a block, as (sub-module, leaf). The token embedding and the output head stay
 # in float: the embedding is a row lookup, with no matmul to speed up, and the head's error goes
@@ -44,9 +37,7 @@ BLOCK_LINEARS = tuple(
     for parent, leaves in (("self_attn", "q k v o"), ("mlp", "gate up down"))
     for leaf in (f"{n}_proj" for n in leaves.split())
 )
-SCHEMES = {8: "int8-symmetric-per-channel", 4: "int4-asymmetric-groupwise"}
-QUANT_METHOD = "domainlm"
-WEIGHTS = "model.safetensors"
+SCHEMES = {8: "int8-symmetric-per-channel", 4: "int4-symmetric-groupwise"}
 # torch's CPU kernels (torch >= 2.6) against dequantize-then-matmul, measured on one AVX-512 core
 # (256² and 2048² layers): with bf16 inputs of up to 16 rows they are 1.5-20x faster (2048², one
 # row: int8 0.23 vs 2.4 ms, int4 0.27 vs 5.8 ms); with fp32 or fp16 inputs they are 2-45x slower
@@ -70,14 +61,19 @@ class _Dequantized(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A frozen, weight-only quantized stand-in for a bias-free nn.Linear.
+    """A frozen, weight-only quantized stand-in for a bias-free nn.Linear: w = q·scale.
 
-    bits=8: qweight int8 (out, in), w = q·scale with one scale per output row, q in [-127, 127].
-    bits=4: qweight uint8 (out, in/2), byte j of a row holding column 2j in its low nibble and
-    2j+1 in its high one; w = q·scale + min with q in [0, 15] and one scale and min per group of
-    group_size columns. Asymmetric because 16 levels are few: spanning [min, max] uses all of
-    them, so the step (max-min)/15 is never coarser than a symmetric grid's and finer whenever a
-    group is not centred on zero; it is also the layout of torch's int4 kernel. Scales are fp32.
+    Symmetric, as compressed-tensors' W8A16 and W4A16 (the formats servers load): q is a signed
+    integer of `bits` bits, q in [-2^(bits-1), 2^(bits-1) - 1], and the scale of a row (int8) or
+    of a group of group_size columns of a row (int4) is its largest magnitude divided by
+    (2^bits - 1)/2, then q = round(w/scale) clamped to that range (compressed-tensors'
+    calculate_qparams and quantize, step for step, so the codes are the ones its own quantizer
+    would write).
+
+    bits=8: qweight int8 (out, in), one fp32 scale per output row.
+    bits=4: qweight uint8 (out, in/2) holding q + 8, column 2j in the low nibble of byte j and
+    2j+1 in the high one (compressed-tensors' int32 packing, read byte by byte; also the layout
+    of torch's int4 kernel); one fp32 scale per group.
     """
 
     use_kernel = True  # False: always the dequantize-then-matmul reference path
@@ -95,9 +91,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(out_features, in_features).char())
             self.register_buffer("scales", torch.ones(out_features))
         else:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2).byte())
+            self.register_buffer("qweight", torch.full((out_features, in_features // 2), 0x88,
+                                                       dtype=torch.uint8))  # q = 0
             self.register_buffer("scales", torch.ones(out_features, groups))
-            self.register_buffer("mins", torch.zeros(out_features, groups))
         # The int4 kernel's own limits; other shapes take the reference path.
         self._kernel_shape_ok = bits == 8 or (
             out_features % 16 == 0 and self.group_size in (32, 64, 128, 256)
@@ -113,22 +109,19 @@ class QuantLinear(nn.Module):
         with torch.device(linear.weight.device):
             layer = cls(linear.in_features, linear.out_features, bits, group_size)
         w = linear.weight.detach().float()
-        # A floor on the scale (torchao's) keeps a zero row or a constant group exact, and keeps
-        # the int4 kernel's zero point, min + 8·scale, as close to min as bf16 can hold it.
-        eps = torch.finfo(torch.float32).eps
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        g = w.view(w.size(0), -1, layer.group_size)
+        scale = g.abs().amax(dim=-1) / ((hi - lo) / 2)
+        # A zero row or group: compressed-tensors' floor on the scale, so it stays exactly zero.
+        scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+        q = torch.round((g / scale[..., None]).clamp_(lo, hi)).view_as(w)
         if bits == 8:
-            scale = (w.abs().amax(dim=1) / 127).clamp_(min=eps)
-            layer.qweight.copy_(torch.round(w / scale[:, None]).clamp_(-127, 127))
-            layer.scales.copy_(scale)
+            layer.qweight.copy_(q)
+            layer.scales.copy_(scale.view(-1))
         else:
-            g = w.view(w.size(0), -1, layer.group_size)
-            lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-            scale = ((hi - lo) / 15).clamp_(min=eps)
-            q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
-            q = q.view(w.size(0), -1, 2)
-            layer.qweight.copy_(q[..., 0] | (q[..., 1] << 4))
+            u = (q + 8).to(torch.uint8).view(w.size(0), -1, 2)
+            layer.qweight.copy_(u[..., 0] | (u[..., 1] << 4))
             layer.scales.copy_(scale)
-            layer.mins.copy_(lo)
         return layer
 
     @property
@@ -141,7 +134,8 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.state.values())
 
     def _codes(self, dtype: torch.dtype = torch.uint8) -> Tensor:
-        """The integer codes (out, in) in dtype: int8's as stored, int4's unpacked to 0..15."""
+        """The integer codes (out, in) in dtype: int8's as stored, int4's unpacked to q + 8,
+        0..15."""
         if self.bits == 8:
             return self.qweight.to(dtype)
         # Written into one buffer through strided views: 10x faster than stacking the nibbles.
@@ -157,7 +151,7 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             return w.mul_(self.scales.float()[:, None]).to(dtype)
         g = w.view(self.out_features, -1, self.group_size)
-        g.mul_(self.scales.float()[..., None]).add_(self.mins.float()[..., None])
+        g.sub_(8).mul_(self.scales.float()[..., None])
         return w.to(dtype)
 
     def _kernel_applies(self, x: Tensor) -> bool:
@@ -177,13 +171,14 @@ class QuantLinear(nn.Module):
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
         else:
             if self._cache is None or self._cache[0] != x.dtype:
-                # The kernel's layout is tiled per CPU ISA, so it is built here, never stored; its
-                # zero point sits in the middle of the code range: w = (q - 8)·scale + zero.
+                # The kernel's layout is tiled per CPU ISA, so it is built here, never stored. It
+                # computes w = (u - 8)·scale + zero from the unsigned code u: symmetric, zero = 0.
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     self._codes(torch.int32), 1
                 )
-                zero = self.mins + 8 * self.scales
-                sz = torch.stack((self.scales.t(), zero.t()), dim=-1).to(x.dtype).contiguous()
+                scales = self.scales.t()
+                sz = torch.stack((scales, torch.zeros_like(scales)), dim=-1)
+                sz = sz.to(x.dtype).contiguous()
                 self._cache = (x.dtype, packed, sz)
             _, packed, sz = self._cache
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
@@ -265,112 +260,3 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's stored tensors (parameters and persistent buffers, a tied one once)."""
     seen = {(t.data_ptr(), t.numel()): t for t in model.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in seen.values())
-
-
-# ---------------------------------------------------------------------------------- the folder
-
-
-def save_quantized(
-    model: Llama,
-    out_dir: Path,
-    tokenizer_model: Path,
-    bits: int,
-    group_size: int = 64,
-    *,
-    chat_template: str | None = None,
-) -> Path:
-    """Write config.json (with a quantization_config), model.safetensors and the tokenizer files.
-
-    `model` is a float model (quantized here) or one quantize_model made with these settings.
-    The folder is built beside out_dir and renamed into place.
-    """
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    if not layers:
-        model = quantize_model(model, bits, group_size)
-    elif any(m.bits != bits or (bits == 4 and m.group_size != group_size) for m in layers):
-        raise ValueError(f"the model is not quantized with bits={bits}, group_size={group_size}")
-    proto = read_model_proto(Path(tokenizer_model))  # a missing or broken file fails first
-    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    ids = SpecialTokens.from_model(sp)
-    config = model.config
-    float_dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    hf = config.to_hf_dict(ids.bos_id, ids.eos_id, ids.pad_id, float_dtype)
-    hf["quantization_config"] = {
-        "quant_method": QUANT_METHOD,
-        "bits": bits,
-        "group_size": group_size if bits == 4 else None,  # int8: one scale per output row
-        "scheme": SCHEMES[bits],
-    }
-    state = model.state_dict()
-    if config.tie_embeddings:
-        state.pop("lm_head.weight")  # the embedding, re-tied on load (as transformers does)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_dir(Path(out_dir)) as tmp:
-        write_json(tmp / "config.json", hf)
-        metadata = {"format": "pt", "quant_method": QUANT_METHOD}
-        save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
-        write_tokenizer_files(
-            Path(tokenizer_model), tmp, chat_template, model_max_length=config.max_seq_len
-        )
-    return Path(out_dir)
-
-
-def load_quantized(path: Path) -> Llama:
-    """The model save_quantized wrote, in eval mode (weights read with safetensors only)."""
-    path = Path(path)
-    config_path, weights = path / "config.json", path / WEIGHTS
-    fix = "quantize the model again with save_quantized"
-    if not config_path.is_file():
-        raise UserError(f"{config_path} is missing: {path} is not a quantized model folder; {fix}")
-    try:
-        hf = read_json(config_path)
-        quant = hf.get("quantization_config")
-    except (ValueError, json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{config_path} is not a JSON config ({e}); {fix}") from None
-    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
-        raise UserError(
-            f"{config_path} has no domainlm quantization_config: load a float folder with "
-            f"load_hf_folder, or {fix}"
-        )
-    bits, group_size = quant.get("bits"), quant.get("group_size") or 0
-    if not isinstance(bits, int) or quant.get("scheme") != SCHEMES.get(bits):
-        what = f"bits {bits!r} with scheme {quant.get('scheme')!r}"
-        raise UserError(f"{config_path}: quantization_config has {what}; {fix}")
-    if not weights.is_file():
-        raise UserError(f"{weights} is missing; {fix}, or copy the whole folder")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights} is not a readable safetensors file ({e}); {fix}") from None
-
-    config = LlamaConfig.from_hf_dict(hf)
-    # Built on the meta device and given the file's tensors as they are (assign): no float copy
-    # of the block weights is ever allocated, and the float parts keep the file's dtype.
-    with torch.device("meta"):
-        model = Llama(config)
-        _check(bits, group_size, model, f"{config_path}: quantization_config.group_size")
-        for _, parent, leaf in _block_linears(model):
-            lin = getattr(parent, leaf)
-            setattr(parent, leaf, QuantLinear(lin.in_features, lin.out_features, bits, group_size))
-    if config.tie_embeddings and "model.embed_tokens.weight" in state:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    expected = model.state_dict()
-    for k in sorted(expected.keys() | state.keys()):
-        got, want = state.get(k), expected.get(k)
-        # The codes' dtype is the format; scales and float weights may have any float dtype.
-        if (
-            got is None
-            or want is None
-            or got.shape != want.shape
-            or not (got.dtype == want.dtype if k.endswith(".qweight") else got.is_floating_point())
-        ):
-            what = "missing" if got is None else f"{got.dtype} {tuple(got.shape)}"
-            implied = f"{want.dtype} {tuple(want.shape)}" if want is not None else "no such tensor"
-            raise UserError(
-                f"{weights}: tensor {k} is {what}, but {config_path} implies {implied}; {fix}"
-            )
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign made two Parameters
-    model.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-    return model.eval()

@@ -119,6 +119,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name() -> str:
+    """What trains here, as a report names it: the GPU's name (and count), else the CPU's."""
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"{n} × {torch.cuda.get_device_name(0)}" if n > 1 else torch.cuda.get_device_name(0)
+    return f"{_cpu_name()} (CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
 def _ram_bytes() -> int:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # A container's memory limit is what a training run can actually use.

@@ -31,12 +31,14 @@ from domainlm.recipe.finetune import (
 from domainlm.recipe.loader import Recipe, RecipeError, load_recipe, merged, section_dict
 from domainlm.recipe.model import LlamaConfig, ModelConfig
 from domainlm.recipe.stages import (
+    EarlyStoppingConfig,
     EvalConfig,
     ExportConfig,
     PlanConfig,
     TokenizerConfig,
     TrainConfig,
 )
+from domainlm.recipe.sweep import SweepConfig, SweepParam
 
 __all__ = [
     "AdapterConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "DPOConfig",
     "DecontamConfig",
     "DedupConfig",
+    "EarlyStoppingConfig",
     "EvalConfig",
     "ExportConfig",
     "FinetuneConfig",
@@ -66,6 +69,8 @@ __all__ = [
     "RecipeError",
     "RewardConfig",
     "SelectiveConfig",
+    "SweepConfig",
+    "SweepParam",
     "SourceConfig",
     "TokenizerConfig",
     "TrainConfig",

@@ -59,6 +59,11 @@ class RunLayout:
         return self.root / "eval"
 
     @property
+    def sweep(self) -> Path:
+        """sweep/: `domainlm sweep`'s table, best recipe, and trials/ (one run folder each)."""
+        return self.root / "sweep"
+
+    @property
     def hashes(self) -> Path:
         return self.root / ".hashes.json"
 

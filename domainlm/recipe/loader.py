@@ -26,12 +26,15 @@ from domainlm.recipe.finetune import FinetuneConfig
 from domainlm.recipe.layout import RunLayout
 from domainlm.recipe.model import ModelConfig
 from domainlm.recipe.stages import (
+    MUON_UNSHARDED,
     EvalConfig,
     ExportConfig,
     PlanConfig,
     TokenizerConfig,
     TrainConfig,
+    muon_strategy_error,
 )
+from domainlm.recipe.sweep import SweepConfig
 
 
 class RecipeError(UserError):
@@ -52,6 +55,7 @@ class Recipe:
     align: AlignConfig = field(default_factory=AlignConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     # Filled by the loader, not by the YAML.
     path: Path | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
@@ -246,6 +250,9 @@ def _validate(recipe: Recipe, ctx: _Ctx) -> None:
         raise ctx.fail("tokenizer.vocab_size", "must be a multiple of 64 (>= 256), or auto")
     if any(v < 256 or v % 64 for v in t.candidates):
         raise ctx.fail("tokenizer.candidates", "every candidate must be a multiple of 64, >= 256")
+    tr = recipe.train
+    if tr.optimizer == "muon" and tr.strategy in MUON_UNSHARDED:
+        raise ctx.fail("train.optimizer", muon_strategy_error(tr.strategy))
     for i, f in enumerate(c.decontaminate.files):
         if not Path(f).exists():
             raise ctx.fail(f"corpus.decontaminate.files[{i}]", f"no such file: {f}")

@@ -71,6 +71,33 @@ class PlanConfig:
     }
 
 
+# Strategies that shard parameters: Muon orthogonalizes each whole matrix, and under FSDP or
+# DeepSpeed ZeRO a rank holds flattened slices of them (torch.optim.Muon refuses non-2-D ones).
+MUON_UNSHARDED = ("fsdp", "deepspeed")
+
+
+def muon_strategy_error(strategy: str) -> str:
+    return (
+        f"muon needs each hidden matrix whole on every device, and strategy {strategy} shards "
+        "them (torch.optim.Muon takes 2-D matrices only): use optimizer adamw with "
+        f"{strategy}, or strategy ddp (or auto) with muon"
+    )
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Fine-tuning and alignment stop when the validation loss stops improving; the model they
+    save is the one of the best validation, not the last."""
+
+    patience: int | None = None  # validations without improvement before stopping; null: off
+    min_delta: float = 0.0  # a smaller drop of the validation loss is no improvement
+
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "patience": at_least(1, "validations"),
+        "min_delta": at_least(0, "nats per token"),
+    }
+
+
 @dataclass
 class TrainConfig:
     """Pretraining with Lightning (`make pretrain`). Sizes left null come from plan.json."""
@@ -86,7 +113,13 @@ class TrainConfig:
     micro_batch: int | None = None  # sequences per device per forward; null: the plan's
     grad_accum: int | None = None  # micro-batches per optimizer step; null: the plan's
     seq_len: int | None = None  # null: plan.seq_len
-    lr: float = 3e-4  # peak learning rate
+    # adamw: AdamW on every parameter; muon: Muon on the blocks' attention and MLP matrices,
+    # AdamW (lr, betas, eps, weight_decay) on embeddings, output projection and norms.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-4  # peak learning rate (AdamW's)
+    muon_lr: float = 0.02  # muon: the matrices' peak learning rate (Keller Jordan's scale)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum
+    muon_weight_decay: float = 0.0  # muon: decoupled decay of the matrices (times muon_lr)
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
@@ -104,6 +137,8 @@ class TrainConfig:
     export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model.safetensors
     sample_prompt: str = "The"  # `make pretrain` ends by continuing this prompt
     sample_tokens: int = 48
+    # Fine-tuning and alignment only (pretraining runs its planned tokens).
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     RANGES: ClassVar[dict[str, Rule]] = {
         "devices": at_least(1, "devices per node"),
@@ -113,6 +148,9 @@ class TrainConfig:
         "grad_accum": at_least(1, "micro-batches"),
         "seq_len": at_least(2, "tokens"),
         "lr": Rule(0, 10, lo_inclusive=False, what="a learning rate"),
+        "muon_lr": Rule(0, 10, lo_inclusive=False, what="a learning rate"),
+        "muon_momentum": fraction("Muon's momentum", closed=False),
+        "muon_weight_decay": Rule(0, 10, what="a decoupled decay rate"),
         "min_lr_ratio": fraction("of the peak learning rate"),
         "decay_fraction": fraction("of the steps"),
         "warmup_steps": at_least(0, "steps"),

@@ -267,7 +267,8 @@ def write_tokenizer_files(
     tok.save(str(out / "tokenizer.json"))
 
     tokens = {
-        "bos_token": special.BOS,
+        # The token before a document in training (eos), as config.json's bos_token_id says.
+        "bos_token": special.DOCUMENT_START,
         "eos_token": special.EOS,
         "unk_token": special.UNK,
         "pad_token": special.PAD,
@@ -278,7 +279,7 @@ def write_tokenizer_files(
         "tokenizer_class": "PreTrainedTokenizerFast",
         **tokens,
         "additional_special_tokens": chat,
-        # Pretraining documents are followed by </s> and preceded by nothing.
+        # Pretraining documents are followed by </s>; a text is read after one, never after <s>.
         "add_bos_token": False,
         "add_eos_token": False,
         "model_max_length": model_max_length or DEFAULT_MAX_LENGTH,

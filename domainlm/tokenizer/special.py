@@ -20,6 +20,13 @@ EOS = "</s>"
 PAD = "<pad>"
 CONTROL_PIECES: dict[str, int] = {UNK: UNK_ID, BOS: BOS_ID, EOS: EOS_ID, PAD: PAD_ID}
 
+# The token that precedes a document in training: the token arrays put eos after every document
+# (tokenizer/encode.py), so a document is read right after eos, never after <s>. The exported
+# folders name it as their bos (config.json, generation_config.json, tokenizer_config.json), so a
+# tool that starts a text with bos (lm-eval's rolling perplexity) reads it as training did.
+DOCUMENT_START_ID = EOS_ID
+DOCUMENT_START = EOS
+
 # The chat template's pieces when a recipe does not name its own (recipe `special_tokens`).
 DEFAULT_CHAT_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 

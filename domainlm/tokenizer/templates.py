@@ -109,7 +109,7 @@ class Template:
             return self._compiled.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=special.BOS,
+                bos_token=special.DOCUMENT_START,  # as tokenizer_config.json names it
                 eos_token=special.EOS,
             )
         except Exception as e:  # noqa: BLE001 - a user's template can fail in any way

@@ -63,6 +63,25 @@ def sample(model: Llama, tokenizer_model: Path, prompt: str, tokens: int, seed: 
     return prompt + sp.decode(new)
 
 
+def log_final_validation(trainer, module, metrics: dict) -> None:
+    """The validation of the final weights, into the run's logs (metrics.csv, TensorBoard) at
+    the last step, unless a periodic validation already fell on it: the loss curve then ends
+    where training ended (val_every need not divide the steps)."""
+    from domainlm.train.module import passes
+
+    steps = trainer.global_step
+    if steps == 0 or getattr(module, "last_val_step", None) == steps:
+        return
+    row = {"val/loss": metrics["val_loss"], "val/ppl": metrics["val_ppl"],
+           "val/bpb": metrics["val_bpb"]}
+    done = passes(trainer, steps)
+    if done is not None:
+        row["epoch"] = done
+    for logger in trainer.loggers:
+        logger.log_metrics(row, step=steps - 1)  # Lightning's step column: steps done - 1
+        logger.save()
+
+
 def finish(
     recipe: Recipe,
     settings: RunSettings,
@@ -76,8 +95,11 @@ def finish(
     say: Callable[[str], None],
 ) -> dict:
     from domainlm.model.hf import save_hf_folder
+    from domainlm.plan.hardware import device_name
     from domainlm.tokenizer.arrays import TokenWindows
+    from domainlm.tokenizer.templates import load_template
     from domainlm.train.data import unigram_baseline
+    from domainlm.train.module import passes
 
     t = recipe.train
     out = recipe.layout.pretrain
@@ -97,6 +119,8 @@ def finish(
         "unigram_baseline": unigram_baseline(data.train_arrays, data.val_arrays)
         if data.has_val
         else None,
+        "passes": passes(trainer, trainer.global_step),  # over the training windows
+        "hardware": device_name(),
     }
     if data.has_val:
         loss = evaluate_windows(model, TokenWindows(data.val_arrays, settings.seq_len)).loss
@@ -105,14 +129,18 @@ def finish(
             val_ppl=math.exp(loss),
             val_bpb=loss / math.log(2) / data.val_bytes_per_token,
         )
+        log_final_validation(trainer, module, metrics)
         say(
             f"pretrain: validation loss {loss:.3f} nats/token, perplexity {math.exp(loss):.2f}, "
             f"{metrics['val_bpb']:.3f} bits/byte (unigram baseline "
             f"{metrics['unigram_baseline']:.3f} nats/token, perplexity "
             f"{math.exp(metrics['unigram_baseline']):.1f})"
         )
+    # The chat template of the recipe's fine-tuning: adapters are served on this folder.
+    template = load_template(recipe.finetune.template).source
     folder = save_hf_folder(
-        model.cpu().float(), tokenizer_model, out / "model", dtype=t.export_dtype
+        model.cpu().float(), tokenizer_model, out / "model", dtype=t.export_dtype,
+        chat_template=template,
     )
     text = sample(model, tokenizer_model, t.sample_prompt, t.sample_tokens, recipe.seed)
     metrics["sample"] = {"prompt": t.sample_prompt, "text": text}

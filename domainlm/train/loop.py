@@ -5,13 +5,14 @@ that survives resumes."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import os
 import shutil
 from pathlib import Path
 
 from domainlm.files import atomic_path, read_json, write_json
-from domainlm.recipe import TrainConfig
+from domainlm.recipe import EarlyStoppingConfig, TrainConfig
 from domainlm.train.settings import RunSettings
 
 
@@ -84,6 +85,24 @@ def merge_csv(old: Path, new: Path) -> None:
         writer.writerows(rows)
 
 
+# Callbacks that a driver of whole stages (the sweep) adds to the Trainers built while it runs
+# them: a function of a run's output folder that returns the callbacks for that run.
+_OUTER_CALLBACKS: contextvars.ContextVar = contextvars.ContextVar("outer_callbacks", default=None)
+
+
+@contextlib.contextmanager
+def outer_callbacks(factory):
+    """Every Trainer that build_trainer makes inside this block also gets factory(out)."""
+    token = _OUTER_CALLBACKS.set(factory)
+    try:
+        yield
+    finally:
+        _OUTER_CALLBACKS.reset(token)
+
+
+BEST = "val/loss"  # what early stopping watches and the best checkpoint is chosen by
+
+
 def build_trainer(
     s: RunSettings,
     t: TrainConfig,
@@ -93,12 +112,17 @@ def build_trainer(
     has_val: bool,
     progress: bool,
     extra_callbacks: tuple = (),
+    early_stopping: EarlyStoppingConfig | None = None,
+    loggers: bool = True,
 ):
     """The Lightning Trainer of a run (also what `make bench` times): (trainer, the
     throughput callback, the clean-stop callback). Checkpoints go to out/checkpoints/, logs
-    to out/logs/."""
+    to out/logs/. With early_stopping (and validation), training stops after `patience`
+    validations without improvement, and checkpoints/best-*.ckpt keeps the best weights
+    (restore_best loads them). Without loggers (the GPU check, where TensorBoard may not be
+    installed) nothing is logged to files."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from domainlm.train.callbacks import GracefulStop, ThroughputBar
@@ -121,9 +145,29 @@ def build_trainer(
         throughput,
         stop,
     ]
+    if early_stopping is not None and early_stopping.patience and has_val:
+        callbacks += [
+            EarlyStopping(
+                monitor=BEST,
+                mode="min",
+                patience=early_stopping.patience,
+                min_delta=early_stopping.min_delta,
+            ),
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best-{step:06d}",
+                monitor=BEST,
+                mode="min",
+                save_top_k=1,
+                auto_insert_metric_name=False,
+            ),
+        ]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=t.log_every))
     callbacks += list(extra_callbacks)
+    outer = _OUTER_CALLBACKS.get()
+    if outer is not None:
+        callbacks += list(outer(out))
     logs = out / "logs"
     trainer = L.Trainer(
         accelerator=s.accelerator,
@@ -144,7 +188,7 @@ def build_trainer(
         logger=[
             CSVLogger(logs, name="", version=""),
             TensorBoardLogger(logs, name="tensorboard", version="", default_hp_metric=False),
-        ],
+        ] if loggers else False,
         callbacks=callbacks,
         use_distributed_sampler=False,
         enable_progress_bar=progress,
@@ -152,6 +196,27 @@ def build_trainer(
         default_root_dir=out,
     )
     return trainer, throughput, stop
+
+
+def restore_best(trainer, module) -> dict:
+    """After an early-stopping run: load the best validation's weights into module (the model
+    a stage saves is then the best one, not the last) and say what happened; {} without."""
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    best = next((c for c in trainer.callbacks
+                 if isinstance(c, ModelCheckpoint) and c.monitor == BEST), None)
+    if stopper is None or best is None or not best.best_model_path:
+        return {}
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return {
+        "best_step": int(state["global_step"]),
+        "best_val_loss": float(best.best_model_score),
+        "last_step": int(trainer.global_step),
+        "stopped_early": bool(stopper.stopped_epoch) or trainer.global_step < trainer.max_steps,
+    }
 
 
 def _strategy(s: RunSettings):

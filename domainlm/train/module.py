@@ -15,10 +15,22 @@ from domainlm.model.llama import Llama
 from domainlm.recipe import TrainConfig
 from domainlm.recipe.model import LlamaConfig
 from domainlm.train import optim
+from domainlm.train.data import StepSampler
 
 
 class Diverged(UserError):
     """The training loss stopped being a finite number; no checkpoint of it was written."""
+
+
+def passes(trainer, steps_done: int) -> float | None:
+    """Passes over the training windows after `steps_done` optimizer steps, or None when the
+    loader is not a StepSampler's. Lightning's own epoch counter stays 0 for the whole run:
+    the step sampler yields every step as one epoch (its position is the step, so a resume
+    needs no loader state), so the logged `epoch` is this instead."""
+    sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    if not isinstance(sampler, StepSampler):
+        return None
+    return steps_done * sampler.global_batch / sampler.n_windows
 
 
 class PretrainModule(L.LightningModule):
@@ -56,6 +68,7 @@ class PretrainModule(L.LightningModule):
             }
         )
         self.config = config
+        self.last_val_step: int | None = None  # optimizer steps done at the last validation
         self.train_cfg = train
         self.total_steps = total_steps
         self.grad_accum = grad_accum
@@ -112,6 +125,14 @@ class PretrainModule(L.LightningModule):
             self.diverged(f"the loss is {value}")
         self.log("train/loss", torch.tensor(value), prog_bar=True)
         self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
+        self._log_passes(self.global_step + 1)
+
+    def _log_passes(self, steps_done: int) -> None:
+        """Log `epoch` as the passes over the training data after `steps_done` optimizer steps
+        (Lightning fills the loggers' `epoch` column only where the module logs none)."""
+        done = passes(self.trainer, steps_done)
+        if done is not None:
+            self.log("epoch", torch.tensor(done, dtype=torch.float64), rank_zero_only=True)
 
     def check_finite(self) -> None:
         """Raise Diverged if any training loss so far was not finite (a host sync)."""
@@ -152,15 +173,19 @@ class PretrainModule(L.LightningModule):
         if self.val_bytes_per_token:
             bpb = loss / math.log(2) / self.val_bytes_per_token
             self.log("val/bpb", bpb.float(), rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            self._log_passes(self.global_step)
+            self.last_val_step = self.global_step
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ):
         # Lightning refuses to clip for a fused optimizer under mixed precision, because with a
         # float16 loss scaler the fused step unscales internally. bf16 has no scaler, and the
-        # gradients here are whole (DDP or one device: the only cases that get a fused AdamW),
-        # so clipping them directly is exact.
-        if optimizer.defaults.get("fused") and gradient_clip_val:
+        # gradients here are whole (DDP or one device: the only cases that get a fused AdamW,
+        # or Muon), so clipping them directly is exact, in the model's parameter order.
+        whole = optimizer.defaults.get("fused") or isinstance(optimizer, optim.MuonAdamW)
+        if whole and gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

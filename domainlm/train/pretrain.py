@@ -11,11 +11,13 @@ from domainlm.errors import UserError
 from domainlm.files import hash_json
 from domainlm.recipe import Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
+from domainlm.tokenizer.templates import load_template
 from domainlm.train.loop import (
     build_trainer,
     checkpoint_dir,
     drop_previous_checkpoints,
     kept_csv_log,
+    previous_checkpoints,
 )
 from domainlm.train.settings import RunSettings, resolve
 
@@ -23,6 +25,8 @@ STAGE_VERSION = 1
 # Settings that change what is logged or exported, never the trained weights.
 COSMETIC = ("val_every", "val_batches", "ckpt_every", "log_every", "sample_prompt")
 COSMETIC += ("sample_tokens", "export_dtype")
+# Read by fine-tuning and alignment only.
+COSMETIC += ("early_stopping",)
 
 
 class Interrupted(UserError):
@@ -34,13 +38,12 @@ def pretrain_stage(recipe: Recipe, settings: RunSettings) -> tuple[Stage, str]:
     another one are stale): the token arrays, the seed, the resolved run and the train section
     but for the settings that only change logging or the export."""
     layout = recipe.layout
-    arrays = sorted(p for p in layout.tokens.iterdir() if p.suffix in (".bin", ".npy"))
-    inputs = file_inputs([*arrays, layout.tokens / "meta.json", layout.tokenizer_model],
-                         layout.root)
-    train = {k: v for k, v in dataclasses.asdict(recipe.train).items() if k not in COSMETIC}
-    weights = {"seed": recipe.seed, "settings": settings.to_dict(), "train": train}
+    inputs = _inputs(recipe)
+    weights = _weights(recipe, settings)
     t = recipe.train
     outputs = {k: getattr(t, k) for k in ("export_dtype", "sample_prompt", "sample_tokens")}
+    # The base folder carries the chat template its fine-tuned adapters are served with.
+    outputs["chat_template"] = load_template(recipe.finetune.template).source
     stage = Stage(
         "pretrain",
         layout.manifest("pretrain"),
@@ -51,6 +54,32 @@ def pretrain_stage(recipe: Recipe, settings: RunSettings) -> tuple[Stage, str]:
         hashes=layout.hashes,
     )
     return stage, hash_json([STAGE_VERSION, stage.input_hashes(), weights])
+
+
+def _inputs(recipe: Recipe) -> dict:
+    layout = recipe.layout
+    arrays = sorted(p for p in layout.tokens.iterdir() if p.suffix in (".bin", ".npy"))
+    return file_inputs([*arrays, layout.tokens / "meta.json", layout.tokenizer_model],
+                       layout.root)
+
+
+def _weights(recipe: Recipe, settings: RunSettings) -> dict:
+    train = {k: v for k, v in dataclasses.asdict(recipe.train).items() if k not in COSMETIC}
+    return {"seed": recipe.seed, "settings": settings.to_dict(), "train": train}
+
+
+def trunk_key(recipe: Recipe, settings: RunSettings) -> str:
+    """What a run's wsd-trunk.ckpt must match for this run to start from it: everything the
+    weights depend on but the run's length (tokens, steps) and its warmup length."""
+    weights = _weights(recipe, settings)
+    for k in ("tokens", "total_steps"):
+        weights["settings"].pop(k)
+    for k in ("tokens", "warmup_steps"):
+        weights["train"].pop(k)
+    layout = recipe.layout
+    stage = Stage("pretrain", layout.manifest("pretrain"), _inputs(recipe), {}, 0,
+                  hashes=layout.hashes)
+    return hash_json(["wsd-trunk", STAGE_VERSION, stage.input_hashes(), weights])
 
 
 def pretrain(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict:
@@ -91,6 +120,20 @@ def _train(
     )
     for note in s.notes:
         say(f"pretrain: note: {note}")
+    trunk_cb = None
+    if t.schedule == "wsd":
+        from domainlm.train import optim
+        from domainlm.train.extend import TrunkCheckpoint, find_trunk
+
+        key = trunk_key(recipe, s)
+        warmup = optim.warmup_steps(t, s.total_steps)
+        start = optim.decay_start(t, s.total_steps, warmup)
+        if resume is None and not force:
+            resume = find_trunk([previous_checkpoints(out)], key, warmup, start)
+            if resume is not None:
+                say(f"pretrain: extending a shorter wsd run from its decay start ({resume})")
+        if start > 0:
+            trunk_cb = TrunkCheckpoint(ckpt_dir, key, start)
     if resume is not None:
         say(f"pretrain: resuming from {resume}")
 
@@ -120,7 +163,8 @@ def _train(
     )
     last_ckpt = ckpt_dir / "last.ckpt"
     trainer, throughput, stop = build_trainer(
-        s, t, out, module, has_val=data.has_val, progress=progress
+        s, t, out, module, has_val=data.has_val, progress=progress,
+        extra_callbacks=(trunk_cb,) if trunk_cb else (),
     )
     train_start = time.time()
     with kept_csv_log(out / "logs" / "metrics.csv"):

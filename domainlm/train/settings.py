@@ -16,6 +16,7 @@ from domainlm.files import read_json
 from domainlm.plan.record import Plan
 from domainlm.recipe import Recipe
 from domainlm.recipe.model import LlamaConfig
+from domainlm.recipe.stages import MUON_UNSHARDED, muon_strategy_error
 
 GPU_ONLY_STRATEGIES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 
@@ -110,6 +111,9 @@ def _strategy(recipe: Recipe, plan: Plan | None, accelerator: str, world: int) -
             f"train.strategy: {name} ({GPU_ONLY_STRATEGIES[name]}) needs CUDA GPUs and this run is "
             "on the CPU: use strategy ddp (several processes, gloo) or auto, or run on GPUs"
         )
+    if t.optimizer == "muon" and name in MUON_UNSHARDED:
+        why = "the plan chose it" if t.strategy == "plan" else "the recipe sets it"
+        raise UserError(f"train.optimizer: {muon_strategy_error(name)} ({why})")
     if name == "deepspeed":
         return f"deepspeed_stage_{t.zero_stage}"
     if name == "auto" and world > 1:

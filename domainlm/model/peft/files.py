@@ -17,6 +17,17 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
+def base_reference(base_model: str | Path | None) -> str | None:
+    """base_model_name_or_path as adapter_config.json records it: a local folder as an absolute
+    path, so that peft's AutoPeftModelForCausalLM finds it from any working directory (a
+    relative one would be read from the loader's directory, or taken for a hub id); anything
+    else (a hub id) as given."""
+    if base_model is None:
+        return None
+    path = Path(base_model)
+    return str(path.resolve()) if path.exists() else str(base_model)
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Tensors detached, on the CPU and contiguous, as safetensors needs them."""
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

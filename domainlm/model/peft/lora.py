@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from domainlm.errors import UserError
 from domainlm.files import atomic_dir, write_json
 from domainlm.model.llama import Llama
-from domainlm.model.peft.files import read_adapter_folder, save_tensors
+from domainlm.model.peft.files import base_reference, read_adapter_folder, save_tensors
 from domainlm.model.quantized import QuantLinear
 from domainlm.recipe.finetune import LoRAConfig
 
@@ -273,7 +273,7 @@ def save_lora(
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": base_reference(base_model),
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": False,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from domainlm.errors import UserError
 from domainlm.files import atomic_dir, write_json
 from domainlm.model.llama import IGNORE_INDEX, KVCache, Llama
-from domainlm.model.peft.files import read_adapter_folder, save_tensors
+from domainlm.model.peft.files import base_reference, read_adapter_folder, save_tensors
 from domainlm.recipe.model import LlamaConfig
 
 KIND = "PROMPT_TUNING"
@@ -87,7 +87,7 @@ def save_prompt(module: PromptTuned, out_dir: Path, base_model: str | None) -> P
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": None,
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": base_reference(base_model),
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,
