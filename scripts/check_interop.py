@@ -115,7 +115,8 @@ def template_of(source: str) -> Template:
 # ------------------------------------------------------------------------------------- GGUF
 
 
-def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> None:
+def check_gguf(report: Report, path: Path, source: Path, docs: list[str],
+               trained_template: str) -> None:
     import llama_cpp
 
     qtype = path.stem.split("-", 1)[1]
@@ -146,11 +147,18 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
                  f"{path.name}: bits/byte llama.cpp {theirs:.4f} vs ours on the file "
                  f"{ours:.4f} (the fp32 model {src:.4f})")
 
+    # llama.cpp ends every generation at its end-of-generation tokens: eos, and "<|end|>",
+    # which it recognizes by its spelling; ours ends there when told to (a stop string).
+    vocab = llm._model.vocab
+    eog = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    row["end_of_generation"] = [sp.id_to_piece(i) for i in eog]
+    stops = [sp.id_to_piece(i) for i in eog if i != EOS_ID]
     if qtype == "F16":
         prompts = PROMPTS + [d[:60] for d in docs[:4]]
         same = 0
         for p in prompts:
-            want = complete(ours_model, sp, sp.encode(p), SamplingParams(GREEDY_TOKENS)).text
+            want = complete(ours_model, sp, sp.encode(p),
+                            SamplingParams(GREEDY_TOKENS, stop=stops)).text
             got = llm.create_completion(p, max_tokens=GREEDY_TOKENS, temperature=0.0,
                                         repeat_penalty=1.0)["choices"][0]["text"]
             same += report.check(got == want, f"{path.name}: greedy continuation of {p!r}: "
@@ -158,7 +166,8 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
         row["greedy"] = {"prompts": len(prompts), "equal": same}
 
     source_template = llm.metadata.get("tokenizer.chat_template")
-    report.check(bool(source_template), f"{path.name}: carries a chat template")
+    report.check(source_template == trained_template,
+                 f"{path.name}: carries the chat template fine-tuning used")
     if source_template:
         template = template_of(source_template)
         prompt = template.render(MESSAGES, add_generation_prompt=True)
@@ -171,8 +180,8 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
         row["chat"] = {"reply": reply}
         if qtype == "F16":
             want = complete(ours_model, sp, sp.encode(prompt),
-                            SamplingParams(GREEDY_TOKENS, stop=[template.stop] if
-                                           template.stop else [])).text
+                            SamplingParams(GREEDY_TOKENS,
+                                           stop=[t for t in [template.stop, *stops] if t])).text
             report.check(reply == want, f"{path.name}: chat reply llama.cpp {reply!r}, "
                          f"ours {want!r}")
     llm.close()
@@ -307,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             if path.parent.name not in models:
                 raise UserError(f"{path} was exported from {path.parent.name}, which this run "
                                 f"no longer has: run `make quantize RECIPE={args.recipe}` again")
-            check_gguf(report, path, models[path.parent.name], docs)
+            source = models[path.parent.name]
+            config = source / "tokenizer_config.json"
+            trained = (read_json(config).get("chat_template") if config.is_file() else None) or \
+                load_template(recipe.finetune.template).source
+            check_gguf(report, path, source, docs, trained)
         folders = [(p, "model") for p in models.values()]
         folders += [(p, p.name) for p in sorted(layout.export.glob("*/*"))
                     if (p / "config.json").is_file()]

@@ -60,7 +60,7 @@ from domainlm.files import atomic_path
 from domainlm.model.llama import Llama
 from domainlm.recipe.model import LlamaConfig
 from domainlm.tokenizer.hf_files import BPE, read_model_proto
-from domainlm.tokenizer.special import EOS_ID, SpecialTokens
+from domainlm.tokenizer.special import DOCUMENT_START_ID, SpecialTokens
 from domainlm.tokenizer.templates import load_template
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"
@@ -198,7 +198,7 @@ def write_gguf(
     w.add_token_scores([p[1] for p in pieces])
     w.add_token_types([p[2] for p in pieces])
     # Documents were trained after </s>: it is the start token (see the module docstring).
-    w.add_bos_token_id(EOS_ID)
+    w.add_bos_token_id(DOCUMENT_START_ID)
     w.add_eos_token_id(ids.eos_id)
     w.add_unk_token_id(ids.unk_id)
     w.add_pad_token_id(ids.pad_id)
