@@ -226,7 +226,8 @@ def report(results: list[SizeResult], cfg: TrainConfig, seconds: float, quick: b
             f"{tokens:,} ({s.steps} x {s.tokens_per_step:,})",
             f"{statistics.median(res.base_losses):.3f}",
             f"{statistics.median(cand_at_full):.3f}",
-            ", ".join(_fmt_ratio(r, top) for r in ratios),
+            ", ".join(("<= " if d[min(d)] <= t else "") + _fmt_ratio(r, top)
+                      for r, d, t in zip(ratios, res.cand_losses, res.base_losses, strict=True)),
             f"{'n/a' if med is None else f'{med * tokens:,.0f}'}",
             f"**{_fmt_ratio(med, top)}**",
         ])
@@ -256,7 +257,8 @@ def report(results: list[SizeResult], cfg: TrainConfig, seconds: float, quick: b
         "budgets of " + ", ".join(f"{f:.2f}" for f in FRACTIONS) + " of the baseline's tokens "
         "(one WSD trunk, a decay branch per budget: each the same run as that budget alone); "
         "its tokens to reach the baseline's final validation loss are interpolated between the "
-        "budgets around it (log scale), per seed; the ratio is those tokens over the baseline's. "
+        "budgets around it (log scale), per seed (\"<=\": the smallest budget already reached "
+        "it); the ratio is those tokens over the baseline's. "
         "Validation: the same 64 windows of 128 tokens for every run.\n\n"
     )
     tab = table(
