@@ -11,6 +11,7 @@ SECTIONS = {
     "langid": langid.main,
     "tokens": tokens.main,
     "pretrain": pretrain.main,
+    "pretrain-muon": pretrain.main_muon,
     "efficiency": efficiency.main,
     "generate": generate.main,
     "serve": serve.main,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from domainlm.errors import UserError
 from domainlm.files import read_json, write_json
 from domainlm.model.decode import SamplingParams, complete
-from domainlm.model.load import load_model
+from domainlm.model.load import load_model, load_tokenizer
 from domainlm.recipe import load_recipe
 from domainlm.tokenizer.special import EOS_ID
 from domainlm.tokenizer.templates import BUILTIN, Template, chat_template, load_template
@@ -122,7 +122,7 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
     print(f"gguf {path} ({qtype}, from {source})")
     ours_file = load_model(path)
     ours_model = load_model(source)
-    sp, _ = _tokenizer(source)
+    sp, _ = load_tokenizer(source)
     n_ctx = ours_file.config.max_seq_len
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                           verbose=False, n_threads=THREADS)
@@ -137,7 +137,7 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
                  f"{len(docs) - len(wrong)}/{len(docs)} validation documents")
 
     windows = scored_windows(sp, docs, n_ctx)
-    theirs, ours, src = bpb_llama_cpp(llm, windows), bpb_ours(ours_file, windows), None
+    theirs, ours = bpb_llama_cpp(llm, windows), bpb_ours(ours_file, windows)
     src = bpb_ours(ours_model, windows)
     row["bits_per_byte"] = {"llama_cpp": round(theirs, 4), "ours_file": round(ours, 4),
                             "ours_model_fp32": round(src, 4),
@@ -179,12 +179,6 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str]) -> Non
     report.sections["gguf"].append(row)
 
 
-def _tokenizer(folder: Path):
-    from domainlm.model.load import load_tokenizer
-
-    return load_tokenizer(folder)
-
-
 # ------------------------------------------------------------------------------ transformers
 
 
@@ -197,7 +191,7 @@ def check_hf(report: Report, folder: Path, fmt: str, docs: list[str]) -> None:
 
     print(f"transformers {folder}")
     ours = load_model(folder)
-    sp, tok_folder = _tokenizer(folder)
+    sp, tok_folder = load_tokenizer(folder)
     row: dict = {"folder": str(folder), "format": fmt}
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -245,12 +239,12 @@ def check_peft(report: Report, adapter: Path, docs: list[str]) -> None:
 
     print(f"peft {adapter}")
     ours = load_model(adapter)
-    sp, _ = _tokenizer(adapter)
-    here = os.getcwd()
+    sp, _ = load_tokenizer(adapter)
+    here, where = os.getcwd(), adapter.resolve()
     with tempfile.TemporaryDirectory() as elsewhere:
         os.chdir(elsewhere)  # a relative base path would resolve against the wrong folder
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(adapter.resolve()).eval()
+            model = AutoPeftModelForCausalLM.from_pretrained(where).eval()
         except Exception as e:  # noqa: BLE001 - any refusal is the finding
             report.check(False, f"{adapter}: peft cannot load it from another working "
                          f"directory ({type(e).__name__}: {e})")
@@ -280,6 +274,16 @@ def adapters(layout) -> list[Path]:
     return found
 
 
+def print_bpb_table(rows: list[dict]) -> None:
+    """The GGUF figures as the markdown table docs/quantize.md shows."""
+    print("| model | GGUF type | llama.cpp bits/byte | ours, same file | ours, fp32 model |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        b = r["bits_per_byte"]
+        print(f"| {Path(r['file']).parent.name} | {r['qtype']} | {b['llama_cpp']:.4f} | "
+              f"{b['ours_file']:.4f} | {b['ours_model_fp32']:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/demo.yaml")
@@ -300,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ggufs:
             raise UserError(f"no GGUF under {layout.export}: add gguf-* to export.formats")
         for path in ggufs:
+            if path.parent.name not in models:
+                raise UserError(f"{path} was exported from {path.parent.name}, which this run "
+                                f"no longer has: run `make quantize RECIPE={args.recipe}` again")
             check_gguf(report, path, models[path.parent.name], docs)
         folders = [(p, "model") for p in models.values()]
         folders += [(p, p.name) for p in sorted(layout.export.glob("*/*"))
@@ -316,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print_bpb_table(report.sections["gguf"])
     out = layout.interop_report
     write_json(out, {**report.sections, "failures": report.failures})
     print(f"check_interop: {len(report.failures)} failure(s); wrote {out}")

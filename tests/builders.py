@@ -211,3 +211,29 @@ def logits_of(module, idx):
 
     with torch.no_grad():
         return module(idx)[0]
+
+
+def run_killed_after_checkpoint(args: list[str], nth: int, env: dict | None = None):
+    """`python -m domainlm *args`, killed with SIGKILL by itself right after its nth step
+    checkpoint is on disk: kill -9 at that moment, at a point that does not depend on how fast
+    the machine is (a poll from outside saw a fast run finish, or a half-written file)."""
+    import subprocess
+    import sys
+
+    killer = (
+        "import os, signal, sys\n"
+        "from lightning.pytorch.callbacks import ModelCheckpoint\n"
+        "save = ModelCheckpoint._save_checkpoint\n"
+        "seen = []\n"
+        "def save_then_die(self, trainer, filepath):\n"
+        "    save(self, trainer, filepath)\n"
+        "    if 'step-' in os.path.basename(filepath):\n"
+        "        seen.append(filepath)\n"
+        f"        if len(seen) == {int(nth)}:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ModelCheckpoint._save_checkpoint = save_then_die\n"
+        "from domainlm.cli import main\n"
+        "sys.argv = ['domainlm', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", killer, *args], env=env, capture_output=True)

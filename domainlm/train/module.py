@@ -153,6 +153,10 @@ class PretrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Never write a checkpoint of weights that a NaN or inf loss has already reached.
         self.check_finite()
+        # The logs on disk keep up with the checkpoints: after a kill, the rows of the steps
+        # before the checkpoint are there (CSVLogger otherwise writes every 100 rows).
+        for logger in self.trainer.loggers:
+            logger.save()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros(2, dtype=torch.float64, device=self.device)

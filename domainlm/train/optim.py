@@ -117,8 +117,10 @@ class MuonAdamW(torch.optim.Optimizer):
     def state(self, value) -> None:  # Optimizer.__init__ assigns one; the inner ones hold it
         pass
 
-    def __getstate__(self) -> dict:  # copy.deepcopy and pickle: the inner optimizers too
-        return self.__dict__.copy()
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickle: the inner optimizers too, but not the `step` wrapper a
+        learning-rate scheduler sets on the instance (it points at this object, not a copy)."""
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

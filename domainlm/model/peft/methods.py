@@ -100,17 +100,20 @@ def save(
     ft: FinetuneConfig,
     base_model: str | None,
     tokenizer_model: Path,
+    chat_template: str | None = None,
 ) -> Path:
     """Save what `method` trained into out_dir (replaced whole).
 
     full, selective: a complete Hugging Face folder; lora and qlora: a PEFT LoRA folder (qlora's
     holds the adapter alone, which works on the float base too); prompt: a PEFT PROMPT_TUNING
     folder; adapter: our bottleneck folder. base_model (the base's HF folder or hub id) is
-    recorded in the adapter configs as base_model_name_or_path.
+    recorded in the adapter configs as base_model_name_or_path (absolute when it is a local
+    folder); a whole folder carries `chat_template` (the built-in one when None).
     """
     _check_method(method)
     if method in ("full", "selective"):
-        return save_hf_folder(module, Path(tokenizer_model), Path(out_dir))  # type: ignore[arg-type]
+        return save_hf_folder(module, Path(tokenizer_model), Path(out_dir),  # type: ignore[arg-type]
+                              chat_template=chat_template)
     if method in ("lora", "qlora"):
         return save_lora(module, ADAPTER_NAME, Path(out_dir), ft.lora, base_model)
     if method == "adapter":

@@ -1,7 +1,7 @@
 """QLoRA (Dettmers et al. 2023): LoRA adapters trained over a frozen base whose block projections
-are quantized to 4 bits, so the base costs about 0.6 byte per weight instead of 2 or 4.
+are quantized to 4 bits, so the base costs about 0.56 byte per weight instead of 2 or 4.
 
-Two departures from the paper: the base is int4 in asymmetric groups (model/quantized.py), not
+Two departures from the paper: the base is int4 in symmetric groups (model/quantized.py), not
 NF4 with double-quantized scales, and there is no paged optimizer. The adapter saved is a plain
 PEFT LoRA folder: it was fitted to a base that differs from the float one only by quantization
 error, so it also loads (load_lora) and works on the bf16/fp32 base, in peft and vLLM as well.
@@ -29,7 +29,7 @@ def add_qlora(base: Llama, ft: FinetuneConfig) -> Llama:
 
 
 def base_memory_bytes(module: nn.Module) -> int:
-    """Bytes of the quantized base's storage: codes, scales and minima of every QuantLinear."""
+    """Bytes of the quantized base's storage: codes and scales of every QuantLinear."""
     return sum(m.weight_bytes() for m in quantized_layers(module))
 
 
