@@ -17,8 +17,10 @@ CPU_FILE = Path("build/gpu-check/gpu_check_cpu.json")
 GOALS = {"gpu-125m": 0.45, "gpu-1b": 0.55}  # MFU goals on one H100-class GPU (issue 16)
 
 
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def render(report: dict) -> str:
@@ -34,8 +36,9 @@ def render(report: dict) -> str:
             f"{r['micro_batch']} x {r['grad_accum']} x {r['seq_len']}",
             f"{r['tokens_per_s']:,.0f}",
             "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-            _gib(r["peak_memory_bytes"]), _gib(r["predicted_memory_bytes"]),
-            f"measured / predicted {ratio:.2f}",
+            _size(r["peak_memory_bytes"]), _size(r["predicted_memory_bytes"]),
+            f"measured / predicted {ratio:.2f}" if report["mode"] == "gpu"
+            else "RSS: not comparable",
         ])
     head = (f"Device: **{report['device']}**" + (f" x {report['gpus']}" if report["gpus"] else "")
             + f" ({report['cpu_cores']} CPU cores), Python {report['python']}, torch "
@@ -56,6 +59,11 @@ def main(quick: bool = False) -> None:
     if proc.returncode != 0:
         print(proc.stdout + proc.stderr)
         raise SystemExit("bench gpu: the CPU mode of scripts/gpu_check.py failed")
+    write()
+
+
+def write() -> None:
+    """The section from bench/gpu_check.json (when it exists) and the CPU mode's file."""
     parts = ["## GPU check (`make gpu-check`)", ""]
     if GPU_FILE.is_file():
         gpu = json.loads(GPU_FILE.read_text(encoding="utf-8"))

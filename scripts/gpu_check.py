@@ -24,13 +24,16 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout that is not pip-installed (the GPU machine's copy)
@@ -189,11 +192,16 @@ def one_run(run: dict, cpu: bool, gpus: int) -> dict:
     data = SyntheticTokens(s.config.vocab_size, s.seq_len, s.micro_batch,
                            s.total_steps * s.grad_accum)
     timer = Timer(warmup, s.grad_accum)
-    out = Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "gpu-check-run"
+    out = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=os.environ.get("GPU_CHECK_TMP")))
     trainer, _, _ = build_trainer(s, train, out, module, has_val=False, progress=False,
                                   extra_callbacks=(timer,), loggers=False)
+    # No checkpoint at the end either (a 1B model's would be 13 GB of writing, after the timing).
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     seconds = time.perf_counter() - t0
     elapsed = timer.end - timer.start
     tokens_per_s = timer.steps * s.tokens_per_step / elapsed  # all devices

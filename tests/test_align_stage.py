@@ -271,3 +271,33 @@ def test_resume_after_kill_9_continues_the_same_curves(tuned, tmp_path):
     for a, b in zip(got, want, strict=True):
         for k in a:
             assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5, abs=1e-6), k
+
+
+def test_a_dpo_sweep_trains_each_trial_in_its_own_folder(tuned, tmp_path):
+    """`domainlm sweep --stage align`: DPO trials in sweep/trials/, their value its validation
+    loss, early stopping on; the run's own align folder is not written by them."""
+    data = yaml.safe_load(Path(tuned.path).read_text())
+    data["train"]["early_stopping"] = {"patience": 1}
+    data["sweep"] = {"params": {"align.dpo.lr": {"choices": [3e-3, 1e-3]}}, "sampler": "grid",
+                     "method": "dpo", "pruner": "none",
+                     "fixed": {"align.eval_prompts": 2, "align.dpo.epochs": 1.0}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = sorted(p.name for p in tuned.layout.align.rglob("*")) \
+        if tuned.layout.align.exists() else []
+    result = CliRunner().invoke(main, ["sweep", "--recipe", str(path), "--stage", "align"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    sweep = tuned.layout.sweep
+    with open(sweep / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    assert all(int(r["validations"]) >= 1 for r in rows)
+    for i in range(2):
+        trial = sweep / "trials" / f"trial-00{i}"
+        assert (trial / "align" / "dpo" / "model" / "adapter_config.json").is_file()
+        assert set(read_json(trial / "align" / "manifest.json")["methods"]) == {"dpo"}
+    after = sorted(p.name for p in tuned.layout.align.rglob("*")) \
+        if tuned.layout.align.exists() else []
+    assert after == before
+    assert load_recipe(sweep / "best.yaml").align.dpo.lr in (3e-3, 1e-3)

@@ -57,7 +57,8 @@ def test_the_blocker_blocks(tmp_path):
 
 
 def test_every_run_reports_speed_memory_and_the_prediction(cpu_check):
-    report, _ = cpu_check
+    report, root = cpu_check
+    assert not list(root.glob("gpu-check-*"))  # each run's folder removed, no checkpoint kept
     assert report["mode"] == "cpu" and report["device"] == "cpu"
     assert [r["name"] for r in report["runs"]] == [
         "gpu-125m eager", "gpu-125m compiled", "gpu-1b + activation checkpointing"]
