@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from domainlm.errors import UserError
 from domainlm.files import read_json, write_json
-from domainlm.model.decode import SamplingParams, complete
+from domainlm.model.decode import SamplingParams, complete, stream
 from domainlm.model.load import load_model, load_tokenizer
 from domainlm.recipe import load_recipe
 from domainlm.tokenizer.special import EOS_ID
@@ -157,12 +157,19 @@ def check_gguf(report: Report, path: Path, source: Path, docs: list[str],
         prompts = PROMPTS + [d[:60] for d in docs[:4]]
         same = 0
         for p in prompts:
-            want = complete(ours_model, sp, sp.encode(p),
-                            SamplingParams(GREEDY_TOKENS, stop=stops)).text
-            got = llm.create_completion(p, max_tokens=GREEDY_TOKENS, temperature=0.0,
-                                        repeat_penalty=1.0)["choices"][0]["text"]
+            # Compared as ids: a continuation that stops inside a UTF-8 character made of
+            # byte pieces is text that each side shows its own way ("\ufffd" or nothing).
+            ours_stream = stream(ours_model, sp, sp.encode(p),
+                                 SamplingParams(GREEDY_TOKENS, stop=stops))
+            "".join(ours_stream)
+            want = ours_stream.token_ids
+            got: list[int] = []
+            for t in llm.generate(sp.encode(p), top_k=1, temp=0.0, repeat_penalty=1.0):
+                got.append(int(t))
+                if t in eog or len(got) == GREEDY_TOKENS:
+                    break
             same += report.check(got == want, f"{path.name}: greedy continuation of {p!r}: "
-                                 f"llama.cpp {got!r}, ours {want!r}")
+                                 f"llama.cpp {sp.decode(got)!r}, ours {sp.decode(want)!r}")
         row["greedy"] = {"prompts": len(prompts), "equal": same}
 
     source_template = llm.metadata.get("tokenizer.chat_template")
