@@ -21,6 +21,12 @@ SECTIONS = {
 
 
 def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        print("\nsections (all when none is named): " + ", ".join(SECTIONS))
+        print("--quick: smaller inputs and fewer runs (a smoke run; it still rewrites its "
+              "sections)")
+        return
     quick = "--quick" in argv
     names = [a for a in argv if not a.startswith("-")] or list(SECTIONS)
     for name in names:

@@ -37,6 +37,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}"
 
 
+def load_note(load: float | None = None) -> str:
+    """The load average and what it means for the figures beside it."""
+    load = os.getloadavg()[0] if load is None else load
+    if load > (os.cpu_count() or 1) - 0.5:
+        return (f"load average {load:.1f}: other jobs shared the cores, so absolute times are "
+                "pessimistic")
+    return f"load average {load:.1f}: the cores were not shared"
+
+
 def commit() -> str:
     try:
         return subprocess.run(

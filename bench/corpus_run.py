@@ -4,11 +4,14 @@ memory are its own: `python -m bench.corpus_run ours|datatrove|shard ...` prints
   ours SHARDS WORK WORKERS        `make corpus`'s pipeline (build_corpus) on the shards
   datatrove SHARDS WORK WORKERS   datatrove's equivalent pipeline (bench/corpus_datatrove.py)
   shard FILE WORK                 the per-shard work alone on one shard (one worker's memory)
+  --memory                        also sample peak memory (off in the throughput runs: the
+                                  sampler's own CPU time would count as the pipeline's)
 
-Peak memory is sampled every 20 ms (resident set size, by psutil): of this process (the
-driver, and the worker when there is one) and of the largest of its child processes (the
-pool's workers). ru_maxrss cannot be used: Linux carries it over from the process that
-started this one.
+Wall and CPU seconds are those of the measured call alone (imports excluded); CPU seconds are
+this process's and its waited-for children's. Peak memory is sampled every 20 ms (resident
+set size, by psutil): of this process (the driver, and the worker when there is one) and of
+the largest of its child processes (the pool's workers). ru_maxrss cannot be used: Linux
+carries it over from the process that started this one.
 """
 
 from __future__ import annotations
@@ -40,26 +43,26 @@ def ours(shards: Path, work: Path, workers: int) -> dict:
     from domainlm.corpus.pipeline import build_corpus
 
     recipe = _recipe(work, shards, workers)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     m = build_corpus(recipe, force=True, progress=False)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _cpu() - c
     cache = recipe.layout.corpus / ".cache" / "shards"
     blocks: dict[str, float] = {}
     for p in cache.glob("*/stats.json"):
         for k, v in json.loads(p.read_text())["stage_seconds"].items():
             blocks[k] = blocks.get(k, 0.0) + v
     total = m["counts"]["total"]
-    return {"seconds": seconds, "docs_out": total["kept"], "counts": total, "blocks": blocks,
-            "run_seconds": m["run"]["seconds"]}
+    return {"seconds": seconds, "cpu": cpu, "docs_out": total["kept"], "counts": total,
+            "blocks": blocks, "run_seconds": m["run"]["seconds"]}
 
 
 def datatrove(shards: Path, work: Path, workers: int) -> dict:
     from bench.corpus_datatrove import run_pipeline
 
     tasks = len(list(shards.glob("*.jsonl")))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     n = run_pipeline(shards, work, workers, tasks)
-    return {"seconds": time.perf_counter() - t, "docs_out": n}
+    return {"seconds": time.perf_counter() - t, "cpu": _cpu() - c, "docs_out": n}
 
 
 def shard(file: Path, work: Path) -> dict:
@@ -69,9 +72,9 @@ def shard(file: Path, work: Path) -> dict:
     recipe = _recipe(work, file.parent, 1)
     task = ShardTask("generated", "file", str(file), file.name, "bench", file.stat().st_size,
                      _settings(recipe, 0, None))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     res = process_shard(task, work / "cache")
-    return {"seconds": time.perf_counter() - t, "records": res.stats["in"]}
+    return {"seconds": time.perf_counter() - t, "cpu": _cpu() - c, "records": res.stats["in"]}
 
 
 def _cpu() -> float:
@@ -100,18 +103,20 @@ class _PeakMemory(threading.Thread):
 
 
 def main(argv: list[str]) -> None:
+    memory = "--memory" in argv
+    argv = [a for a in argv if a != "--memory"]
     kind = argv[0]
     peak = _PeakMemory()
-    peak.start()
-    t0 = _cpu()
+    if memory:  # the sampler costs CPU time of its own: on only where memory is measured
+        peak.start()
     if kind == "shard":
         out = shard(Path(argv[1]), Path(argv[2]))
     else:
         fn = ours if kind == "ours" else datatrove
         out = fn(Path(argv[1]), Path(argv[2]), int(argv[3]))
-    out["cpu"] = _cpu() - t0  # this process and the workers it waited for, not the imports
     peak.done.set()
-    peak.join()
+    if memory:
+        peak.join()
     out["maxrss_self"] = peak.self_peak
     out["maxrss_children"] = peak.child_peak
     print("BENCH-RESULT " + json.dumps(out))

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from bench import langid_data
-from bench.common import commit, machine, table, write_section
+from bench.common import commit, load_note, machine, table, write_section
 from domainlm.corpus.langid import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -196,9 +196,8 @@ def _report(rows, info, kinds, results, ms, runs) -> str:
         "## Language identification (`corpus.filters.language_id`)\n\n"
         f"Machine: {machine()}. Commit {commit()}. Command: `python -m bench langid` "
         f"(part of `make bench`), {time.strftime('%Y-%m-%d')}; ms/doc is the median of {runs} "
-        "interleaved run(s) over the whole set after a warm-up, one process, one core. Load "
-        f"average at the end: {os.getloadavg()[0]:.1f} (above the core count: other jobs shared "
-        "the cores, so absolute times are pessimistic; the ratios are measured side by side).\n\n"
+        "interleaved run(s) over the whole set after a warm-up, one process, one core. At the "
+        f"end, {load_note()} (the ratios are measured side by side).\n\n"
         f"Test set: {n_long} long texts (consecutive prose paragraphs of one manual page, "
         f"{langid_data.LONG_MIN}+ characters, cut to the first {PREFIX} as the filter does) and "
         f"{n_short} short ones (single sentences of {langid_data.SHORT_MIN}-"

@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from bench.common import commit, machine, table, write_section
+from bench.common import commit, load_note, machine, table, write_section
 from domainlm.model.hf import save_hf_folder
 from domainlm.model.llama import Llama
 from domainlm.model.peft.lora import LoRALinear, add_lora, save_lora
@@ -153,9 +153,8 @@ def main(quick: bool = False) -> None:
     body = (
         "## Serving throughput (CPU)\n\n"
         f"Machine: {machine()}. Commit {commit()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {load_start:.2f} at the start "
-        f"and {os.getloadavg()[0]:.2f} at the end (above the core count: other work shared "
-        f"the cores). Command: `python -m bench serve`{' --quick' if quick else ''} "
+        f"{torch.get_num_threads()} threads; at the start, {load_note(load_start)}; at "
+        f"the end, {load_note()}. Command: `python -m bench serve`{' --quick' if quick else ''} "
         f"({time.time() - t0:.0f} s).\n\n"
         f"`domainlm serve`'s HTTP server in this process, on loopback; each client sends "
         f"{requests} completion request(s) one after another, {tokens} tokens each "
