@@ -100,6 +100,9 @@ BAD_LINES = [
     (json.dumps({"prompt": "p", "completion": "a"}), "bad_score"),
     ('{"prompt": "p", "completion": "a", "score": NaN}', "bad_score"),
     (json.dumps({"prompt": "\ud800", "chosen": "a", "rejected": "b"}), "invalid_utf8"),
+    (json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "reference": 3}), "bad_field"),
+    (json.dumps({"prompt": "p", "completions": ["a", "b"], "ranking": [1, 2],
+                 "reference": " "}), "empty_field"),
 ]
 
 
@@ -131,6 +134,32 @@ def test_compressed_files_and_files_that_cannot_be_used(tmp_path):
     (tmp_path / "p.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="jsonl"):
         _read(tmp_path / "p.csv")
+
+
+def test_a_reference_is_the_judges_reply_and_never_paired(tmp_path):
+    path = write_jsonl(tmp_path / "ref.jsonl", [
+        {"prompt": "Q", "completions": ["x", "y", "z"], "ranking": [2, 1, 3], "reference": "R"},
+        {"prompt": "Q", "chosen": "y", "rejected": "w", "reference": "later"},
+        {"prompt": "P", "chosen": "c", "rejected": "d", "reference": "RP"},
+        {"prompt": "S", "completion": "s1", "score": 1, "reference": "RS"},
+        {"prompt": "S", "completion": "s2", "score": 2},
+        {"prompt": "T", "completions": ["t1", "t2"], "ranking": [2, 1]},
+    ])
+    prefs = _read(path)
+    q, p, s, t = ((("user", k),) for k in "QPST")
+    # the first reference given wins; without one, the first top-ranked reply
+    assert (prefs.best[q], prefs.best[p], prefs.best[s], prefs.best[t]) == ("R", "RP", "RS", "t2")
+    assert not {"R", "later", "RP", "RS"} & {x for pr in prefs.pairs for x in (pr.chosen,
+                                                                              pr.rejected)}
+    assert prefs.counts["s"]["pairs"] == 3 + 1 + 1 + 1 + 1
+
+
+def test_the_demo_labeler_can_keep_the_reference_out_of_the_pairs():
+    ref = "returns the sum of the values"
+    rec = label(ref, ["returns the sum", "opens a file"], rank_reference=False)
+    assert rec["reference"] == ref and ref not in rec["completions"]
+    assert rec["ranking"] == [1, 2]
+    assert "reference" not in label(ref, ["returns the sum", "opens a file"])
 
 
 def test_the_demo_labeler_ranks_by_rouge_with_the_reference_first():

@@ -1,6 +1,7 @@
 """The demo's preference data, labeled by a program that stands in for people: the
 instruction-tuned model's own samples for the demo's instructions, ranked by ROUGE-L against
-the reference answer (ties broken by chrF), with the reference itself ranked first."""
+the reference answer (ties broken by chrF); the reference is ranked first among them, or
+(align.rank_reference false) kept as the record's `reference` for the judge only."""
 
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ def dense_ranks(scores: list) -> list[int]:
     return [distinct.index(s) + 1 for s in scores]
 
 
-def label(reference: str, samples: list[str]) -> dict:
-    """One ranked record's completions and ranking: the reference first, then the samples,
-    ranked by the judge against the reference (the reference scores best)."""
-    completions = [reference, *samples]
-    return {"completions": completions,
-            "ranking": dense_ranks([judge(reference, c) for c in completions])}
+def label(reference: str, samples: list[str], rank_reference: bool = True) -> dict:
+    """One ranked record's completions and ranking: the samples ranked by the judge against
+    the reference. rank_reference: the reference is ranked too (first, it scores best);
+    otherwise it is the record's `reference` only (the judge's, never paired), so every pair
+    is between the model's own samples."""
+    completions = [reference, *samples] if rank_reference else list(samples)
+    out = {"completions": completions,
+           "ranking": dense_ranks([judge(reference, c) for c in completions])}
+    return out if rank_reference else {**out, "reference": reference}
 
 
 def demo_examples(seed: int, heldout_fraction: float) -> tuple[list[Example], list[Example]]:
@@ -66,7 +70,7 @@ def write_labeled(model: nn.Module, sp, template: Template, examples: list[Examp
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for e, texts in zip(usable, samples, strict=True):
             record = {"prompt": e.messages[-2]["content"],
-                      **label(e.messages[-1]["content"], texts),
+                      **label(e.messages[-1]["content"], texts, cfg.rank_reference),
                       "origin": e.origin, "task": e.task}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(usable)

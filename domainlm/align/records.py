@@ -52,7 +52,9 @@ class Preferences:
     reference of the programmatic judge), counts that add up and the quarantined lines."""
 
     pairs: list[Pair] = field(default_factory=list)
-    best: dict[tuple, str] = field(default_factory=dict)  # prompt -> its top-ranked reply
+    # prompt -> its best-known reply: the first `reference` given, else the first top reply
+    best: dict[tuple, str] = field(default_factory=dict)
+    referenced: set[tuple] = field(default_factory=set)  # prompts whose best is a `reference`
     counts: dict[str, dict] = field(default_factory=dict)  # source -> counts
     quarantined: list[dict] = field(default_factory=list)
 
@@ -150,6 +152,18 @@ def _quarantine(into, reasons, source, origin, reason, detail, text) -> None:
 
 def _add(obj: dict, origin: str, into: Preferences, c: Counter, scored: dict) -> str:
     """Check one record and add what it holds; returns its shape. BadRecord when unusable."""
+    # `reference`: a known-good reply, the judge's reference for the prompt; never paired
+    ref = None if obj.get("reference") is None else _text(obj["reference"], "reference")
+    shape = _add_shape(obj, origin, into, c, scored)
+    if ref is not None:
+        prompt = _pair(obj)[0] if shape == "pair" else parse_prompt(obj)
+        if prompt not in into.referenced:
+            into.best[prompt] = ref
+            into.referenced.add(prompt)
+    return shape
+
+
+def _add_shape(obj: dict, origin: str, into: Preferences, c: Counter, scored: dict) -> str:
     if "completions" in obj or "ranking" in obj:
         prompt = parse_prompt(obj)
         completions = obj.get("completions")

@@ -98,7 +98,9 @@ def write_report(path: Path, recipe: Recipe, m: dict) -> None:
     if any(s.kind == "python-docs" for s in a.data):
         lines += ["The python-docs preferences are labeled by a program that stands in for "
                   "people: the instruction-tuned model's samples ranked by ROUGE-L against the "
-                  "reference answer (ties broken by chrF), the reference ranked first.", ""]
+                  "reference answer (ties broken by chrF), "
+                  + ("the reference ranked first." if a.rank_reference else
+                     "the reference kept out of the pairs (the judge's only)."), ""]
     rm = m["reward"]
     lines += ["## Reward model", "",
               f"Pairwise accuracy: train {_f(rm['accuracy_train'])}, held out "

@@ -173,6 +173,9 @@ class AlignConfig:
     eval_prompts: int = 64  # held-out prompts of the win rates
     samples: int = 4  # python-docs: completions sampled per prompt for the labeler
     label_prompts: int = 256  # python-docs: training prompts labeled
+    # python-docs: rank the reference answer first among the samples (true), or keep it as the
+    # judge's `reference` only, so that every pair is between the model's own samples (false)
+    rank_reference: bool = True
     temperature: float = 1.0  # python-docs: sampling temperature of the labeled completions
     top_p: float | None = 0.95  # python-docs: nucleus of the labeled completions
     warmup_steps: int | None = None  # reward model, DPO: null: 2% of the steps
