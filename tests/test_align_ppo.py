@@ -13,7 +13,7 @@ from builders import TINY_VOCAB, small_config, tiny_model
 from test_align_reward import tiny_recipe
 
 from domainlm.align.methods import run_rl
-from domainlm.align.ppo import PPOModule
+from domainlm.align.ppo import PPOModule, eos_penalized
 from domainlm.align.sequences import disable_dropout
 from domainlm.model.llama import Llama
 from domainlm.model.peft.lora import ADAPTER_NAME, add_lora
@@ -68,6 +68,23 @@ def test_kl_is_zero_while_the_policy_is_its_reference():
         ro = module.rollout(list(range(8)), iteration=0)
         assert ro.mask.sum() > 8
         assert torch.equal(ro.logp, ro.ref_logp)
+
+
+def test_a_rollout_without_eos_loses_the_missing_eos_penalty():
+    from domainlm.tokenizer.special import EOS_ID
+
+    scores = torch.tensor([1.0, 1.0, -0.5])
+    completions = [[5, 6, EOS_ID], [5, 6, 7], [EOS_ID]]
+    assert torch.equal(eos_penalized(scores, completions, 2.0), torch.tensor([1.0, -1.0, -0.5]))
+    assert torch.equal(eos_penalized(scores, completions, None), scores)
+    # in the rollouts: those that end (EOS sampled) keep the reward, the others lose the penalty
+    module = PPOModule(toy_model(), lambda p, c: torch.zeros(len(c)), prompts(),
+                       PPOConfig(prompts_per_step=16, missing_eos_penalty=1.5),
+                       tiny_recipe_train(), max_new_tokens=8, seed=1, reference=toy_model())
+    ro = module.rollout(list(range(16)), iteration=0)
+    ended = (ro.seq == EOS_ID).any(1)
+    assert 0 < int(ended.sum()) < len(ended)  # both kinds among these rollouts
+    assert torch.equal(ro.scores, torch.where(ended, 0.0, -1.5))
 
 
 def tiny_recipe_train():

@@ -52,6 +52,16 @@ def pack(prompts: list[list[int]], completions: list[list[int]]) -> tuple[Tensor
     return seq, starts, max(len(c) for c in completions)
 
 
+def eos_penalized(scores: Tensor, completions: list[list[int]], penalty: float | None
+                  ) -> Tensor:
+    """The scores less `penalty` for each completion without EOS (cut at max_new_tokens: a
+    reply that never ends, often a loop), as TRL's missing_eos_penalty."""
+    if not penalty:
+        return scores
+    missing = torch.tensor([special.EOS_ID not in c for c in completions], dtype=scores.dtype)
+    return scores - penalty * missing.to(scores.device)
+
+
 def completion_view(per_position: Tensor, starts: Tensor, r: int) -> Tensor:
     """Values at the positions that predict completion tokens 0..r-1 (position start - 1 + t)
     of (N, L-1, ...) per-position tensors: (N, r, ...)."""
@@ -135,7 +145,8 @@ class PPOModule(L.LightningModule):
             self.model, prompts, self.group, max_new_tokens=self.max_new_tokens,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=gen)
         prompts = [p for p in prompts for _ in range(self.group)]
-        scores = self.reward(prompts, completions).float().to(self.device)
+        scores = eos_penalized(self.reward(prompts, completions).float(), completions,
+                               self.cfg.missing_eos_penalty).to(self.device)
         seq, starts, r = pack(prompts, completions)
         seq = seq.to(self.device)
         mask = (torch.arange(r)[None, :] < torch.tensor([len(c) for c in completions])[:, None])

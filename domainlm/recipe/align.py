@@ -93,6 +93,8 @@ class PPOConfig:
     kl_horizon: int = 10000  # rollouts over which the adaptive beta moves by at most 20%
     temperature: float = 1.0  # sampling temperature of the rollouts
     top_p: float | None = None  # nucleus sampling of the rollouts; null: the whole distribution
+    # subtracted from the reward of a rollout that ends without EOS (cut at max_new_tokens)
+    missing_eos_penalty: float | None = None
     ckpt_every: int = 5  # rollout batches between checkpoints
 
     RANGES: ClassVar[dict[str, Rule | str]] = {
@@ -111,6 +113,7 @@ class PPOConfig:
         "kl_horizon": at_least(1, "rollouts"),
         "temperature": positive("a sampling temperature"),
         "top_p": Rule(0, 1, lo_inclusive=False, what="a probability mass"),
+        "missing_eos_penalty": at_least(0, "a reward penalty"),
         "ckpt_every": at_least(1, "rollout batches"),
     }
 
@@ -130,6 +133,8 @@ class GRPOConfig:
     kl_coef: float = 0.04  # beta of the KL term in the loss (k3 estimator)
     temperature: float = 1.0  # sampling temperature of the rollouts
     top_p: float | None = None  # nucleus sampling of the rollouts; null: the whole distribution
+    # subtracted from the reward of a rollout that ends without EOS (cut at max_new_tokens)
+    missing_eos_penalty: float | None = None
     ckpt_every: int = 5  # rollout batches between checkpoints
 
     RANGES: ClassVar[dict[str, Rule | str]] = {
@@ -143,6 +148,7 @@ class GRPOConfig:
         "kl_coef": at_least(0, "a KL strength"),
         "temperature": positive("a sampling temperature"),
         "top_p": Rule(0, 1, lo_inclusive=False, what="a probability mass"),
+        "missing_eos_penalty": at_least(0, "a reward penalty"),
         "ckpt_every": at_least(1, "rollout batches"),
     }
 
