@@ -154,16 +154,16 @@ def _add(obj: dict, origin: str, into: Preferences, c: Counter, scored: dict) ->
     """Check one record and add what it holds; returns its shape. BadRecord when unusable."""
     # `reference`: a known-good reply, the judge's reference for the prompt; never paired
     ref = None if obj.get("reference") is None else _text(obj["reference"], "reference")
-    shape = _add_shape(obj, origin, into, c, scored)
-    if ref is not None:
-        prompt = _pair(obj)[0] if shape == "pair" else parse_prompt(obj)
-        if prompt not in into.referenced:
-            into.best[prompt] = ref
-            into.referenced.add(prompt)
+    shape, prompt = _add_shape(obj, origin, into, c, scored)
+    if ref is not None and prompt not in into.referenced:
+        into.best[prompt] = ref
+        into.referenced.add(prompt)
     return shape
 
 
-def _add_shape(obj: dict, origin: str, into: Preferences, c: Counter, scored: dict) -> str:
+def _add_shape(obj: dict, origin: str, into: Preferences, c: Counter, scored: dict
+               ) -> tuple[str, tuple]:
+    """The record's pairs (or scored completion) added; returns its shape and its prompt."""
     if "completions" in obj or "ranking" in obj:
         prompt = parse_prompt(obj)
         completions = obj.get("completions")
@@ -189,7 +189,7 @@ def _add_shape(obj: dict, origin: str, into: Preferences, c: Counter, scored: di
         c["ties"] += ties
         c["identical"] += identical
         into.best.setdefault(prompt, texts[min(range(len(texts)), key=lambda i: ranking[i])])
-        return "ranked"
+        return "ranked", prompt
     if "chosen" in obj or "rejected" in obj:
         prompt, chosen, rejected = _pair(obj)
         if chosen == rejected:
@@ -198,7 +198,7 @@ def _add_shape(obj: dict, origin: str, into: Preferences, c: Counter, scored: di
             into.pairs.append(Pair(prompt, chosen, rejected, origin))
             c["pairs"] += 1
             into.best.setdefault(prompt, chosen)
-        return "pair"
+        return "pair", prompt
     if "completion" in obj or "score" in obj:
         prompt = parse_prompt(obj)
         text = _reply(obj.get("completion"), "completion")
@@ -206,7 +206,7 @@ def _add_shape(obj: dict, origin: str, into: Preferences, c: Counter, scored: di
         if type(score) not in (int, float) or score != score or abs(score) == float("inf"):
             raise BadRecord(BAD_SCORE, f"`score` must be a finite number, got {json_type(score)}")
         scored.setdefault(prompt, []).append((float(score), text, origin))
-        return "scored"
+        return "scored", prompt
     fields = ", ".join(repr(k) for k in list(obj)[:12]) or "none"
     raise BadRecord(UNKNOWN_SHAPE, f"not a preference record (its fields: {fields}); use {SHAPES}")
 
