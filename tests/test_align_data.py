@@ -11,7 +11,7 @@ import pytest
 from conftest import write_jsonl
 
 from domainlm.align import records
-from domainlm.align.demo import dense_ranks, judge, label
+from domainlm.align.demo import dense_ranks, judge, label, other_answers
 from domainlm.align.evaluate import Verdicts
 from domainlm.align.records import Preferences, ranking_pairs, read_preferences
 from domainlm.errors import UserError
@@ -171,6 +171,30 @@ def test_the_demo_labeler_ranks_by_rouge_with_the_reference_first():
     pairs, ties, _ = ranking_pairs(rec["completions"], rec["ranking"])
     assert ties == 1 and len(pairs) == 5
     assert all(w == "opens a file" or b.startswith("returns the sum of") for b, w in pairs)
+
+
+def test_the_demo_labeler_ranks_answers_to_other_questions_like_any_reply():
+    from domainlm.finetune.records import Example
+
+    def ex(q, a):
+        return Example("t", [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                       q)
+
+    examples = [ex(f"q{i}", f"answer number {i}") for i in range(6)]
+    picks = other_answers(examples, 2, seed=7)
+    assert picks == other_answers(examples, 2, seed=7)  # seeded
+    assert picks != other_answers(examples, 2, seed=8)
+    for i, wrong in enumerate(picks):  # two distinct answers, never the example's own
+        assert len(set(wrong)) == 2 and f"answer number {i}" not in wrong
+    assert sorted(other_answers(examples, 9, seed=7)[0]) == [  # at most every other one
+        f"answer number {i}" for i in range(1, 6)]
+    assert other_answers(examples, 0, seed=7) == [[]] * 6
+    assert other_answers(examples[:1], 2, seed=7) == [[]]
+    # ranked by the judge among the samples: a wrong-kind reply below a near one
+    ref = "`Lock()`"
+    rec = label(ref, ["`Lock(x)`", "`Lk()`"], others=["Primitive lock objects."])
+    assert rec["completions"][-1] == "Primitive lock objects."
+    assert rec["ranking"][0] == 1 and rec["ranking"][1] < rec["ranking"][-1]
 
 
 def test_the_judge_breaks_rouge_ties_by_characters():

@@ -6,6 +6,7 @@ the reference answer (ties broken by chrF); the reference is ranked first among 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from torch import nn
@@ -34,12 +35,14 @@ def dense_ranks(scores: list) -> list[int]:
     return [distinct.index(s) + 1 for s in scores]
 
 
-def label(reference: str, samples: list[str], rank_reference: bool = True) -> dict:
-    """One ranked record's completions and ranking: the samples ranked by the judge against
-    the reference. rank_reference: the reference is ranked too (first, it scores best);
-    otherwise it is the record's `reference` only (the judge's, never paired), so every pair
-    is between the model's own samples."""
+def label(reference: str, samples: list[str], rank_reference: bool = True,
+          others: list[str] = ()) -> dict:
+    """One ranked record's completions and ranking: the samples (and `others`, replies to
+    other questions) ranked by the judge against the reference. rank_reference: the reference
+    is ranked too (first, it scores best); otherwise it is the record's `reference` only (the
+    judge's, never paired), so every pair is between the model's own samples."""
     completions = [reference, *samples] if rank_reference else list(samples)
+    completions += others
     out = {"completions": completions,
            "ranking": dense_ranks([judge(reference, c) for c in completions])}
     return out if rank_reference else {**out, "reference": reference}
@@ -58,6 +61,20 @@ def choose(examples: list[Example], count: int, seed: int, salt: str) -> list[Ex
     return [examples[i] for i in sorted(ranked[:count])]
 
 
+def other_answers(examples: list[Example], k: int, seed: int) -> list[list[str]]:
+    """For each example, the reference answers of k other examples of the list (seeded): the
+    right answer to another question, which the judge ranks like any reply. A reward model that
+    sees only the model's own samples never sees an answer of the wrong kind (prose for a
+    signature), and PPO finds that corner; these teach it that the reply must fit the prompt."""
+    if k <= 0 or len(examples) < 2:
+        return [[] for _ in examples]
+    rng = random.Random(f"align-others-{seed}")
+    k = min(k, len(examples) - 1)
+    picks = [[j + (j >= i) for j in rng.sample(range(len(examples) - 1), k)]
+             for i in range(len(examples))]
+    return [[examples[j].messages[-1]["content"] for j in js] for js in picks]
+
+
 def write_labeled(model: nn.Module, sp, template: Template, examples: list[Example],
                   cfg: AlignConfig, seed: int, out: Path) -> int:
     """Sample cfg.samples completions of each example's question, label them, and write ranked
@@ -67,10 +84,11 @@ def write_labeled(model: nn.Module, sp, template: Template, examples: list[Examp
     samples = sample_texts(model, sp, template, [e.messages[:-1] for e in usable], cfg.samples,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_p=cfg.top_p, seed=seed)
+    others = other_answers(usable, cfg.other_answers, seed)
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for e, texts in zip(usable, samples, strict=True):
+        for e, texts, wrong in zip(usable, samples, others, strict=True):
             record = {"prompt": e.messages[-2]["content"],
-                      **label(e.messages[-1]["content"], texts, cfg.rank_reference),
+                      **label(e.messages[-1]["content"], texts, cfg.rank_reference, wrong),
                       "origin": e.origin, "task": e.task}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(usable)

@@ -43,7 +43,7 @@ def demo_files(recipe: Recipe, sft: nn.Module, sp, template: Template, sft_hash:
     train_file, held_file = out / "python-docs.jsonl", out / "python-docs-heldout.jsonl"
     key = hash_json([sft_hash, recipe.seed, recipe.finetune.heldout_fraction, a.samples,
                      a.label_prompts, a.eval_prompts, a.temperature, a.top_p, a.max_new_tokens,
-                     recipe.finetune.template, a.rank_reference])
+                     recipe.finetune.template, a.rank_reference, a.other_answers])
     meta = out / "python-docs.meta.json"
     if meta.is_file() and read_json(meta).get("key") == key and held_file.is_file():
         return train_file, held_file

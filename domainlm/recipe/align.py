@@ -182,6 +182,9 @@ class AlignConfig:
     # python-docs: rank the reference answer first among the samples (true), or keep it as the
     # judge's `reference` only, so that every pair is between the model's own samples (false)
     rank_reference: bool = True
+    # python-docs: reference answers of this many other prompts added to each prompt's replies
+    # (ranked by the judge like the samples): answers that do not fit the question
+    other_answers: int = 0
     temperature: float = 1.0  # python-docs: sampling temperature of the labeled completions
     top_p: float | None = 0.95  # python-docs: nucleus of the labeled completions
     warmup_steps: int | None = None  # reward model, DPO: null: 2% of the steps
@@ -196,6 +199,7 @@ class AlignConfig:
         "eval_prompts": at_least(1, "prompts"),
         "samples": at_least(2, "completions to rank"),
         "label_prompts": at_least(1, "prompts"),
+        "other_answers": at_least(0, "replies"),
         "temperature": positive("a sampling temperature"),
         "top_p": Rule(0, 1, lo_inclusive=False, what="a probability mass"),
         "warmup_steps": at_least(0, "steps"),
