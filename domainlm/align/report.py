@@ -97,8 +97,10 @@ def write_report(path: Path, recipe: Recipe, m: dict) -> None:
               "(`data/rejected.jsonl`, each with its file:line and reason).", ""]
     if any(s.kind == "python-docs" for s in a.data):
         lines += ["The python-docs preferences are labeled by a program that stands in for "
-                  "people: the instruction-tuned model's samples ranked by ROUGE-L against the "
-                  "reference answer (ties broken by chrF), "
+                  "people: the instruction-tuned model's samples"
+                  + (f" and the reference answers of {a.other_answers} other prompt(s)"
+                     if a.other_answers else "")
+                  + " ranked by ROUGE-L against the reference answer (ties broken by chrF), "
                   + ("the reference ranked first." if a.rank_reference else
                      "the reference kept out of the pairs (the judge's only)."), ""]
     rm = m["reward"]
